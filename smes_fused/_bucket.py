@@ -1,0 +1,150 @@
+"""Buckets: the unit of work every backend applies in one go.
+
+A bucket holds every tensor of the optimizer that shares (device, param dtype, state dtype),
+across all param groups. Hyperparameters travel per tensor (`Bucket.hypers[i]`), so param groups
+never split a bucket. The structural switches that change memory traffic (exponent class,
+whether ``v`` is tracked, weight-decay mode, amsgrad, maximize) form a :class:`Variant`; fused
+backends compile one kernel per variant and may launch once per variant present in a bucket
+(usually one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Exponent classes: the only values of p that may be compile-time switches (SPEC §3).
+P_ZERO = 0  # D = 1 + eps: v is neither read nor written for the denominator
+P_HALF = 1  # D = sqrt(v)/sqrt(bc2) + eps, in torch.optim.AdamW's order
+P_GENERAL = 2  # D = exp2(p * log2(v / bc2)) + eps
+
+
+def exponent_class(p: float) -> int:
+    if p == 0.0:
+        return P_ZERO
+    if p == 0.5:
+        return P_HALF
+    return P_GENERAL
+
+
+class Variant(NamedTuple):
+    """Compile-time switches of one kernel instance."""
+
+    p_class: int  # P_ZERO, P_HALF or P_GENERAL
+    track_v: bool  # v (exp_avg_sq) is read and written
+    decoupled: bool  # decoupled (AdamW) weight decay, else L2 added to the gradient
+    amsgrad: bool  # v_max tracked and used (only when track_v)
+    maximize: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """The hyperparameters of one param group, as one tensor of a bucket sees them."""
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    exponent: float
+    weight_decay: float
+    decoupled: bool
+    amsgrad: bool
+    maximize: bool
+    bias_correction: bool
+    track_v: bool
+
+    @property
+    def variant(self) -> Variant:
+        return Variant(
+            exponent_class(self.exponent),
+            self.track_v,
+            self.decoupled,
+            self.amsgrad and self.track_v,
+            self.maximize,
+        )
+
+    def lr_value(self) -> float:
+        """lr as a Python float (host sync if lr is a device tensor)."""
+        return float(self.lr) if isinstance(self.lr, Tensor) else self.lr
+
+
+class BucketKey(NamedTuple):
+    device: torch.device
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class Bucket:
+    """Parallel lists, one entry per parameter that has a gradient this step.
+
+    ``exp_avg_sqs[i]`` is None where ``v`` is not tracked; ``max_exp_avg_sqs[i]`` is None unless
+    amsgrad is on for a tracked tensor. ``steps[i]`` is the float32 scalar step count, already
+    incremented for this step by the caller (torch's fused convention); when ``found_inf`` is set
+    the caller takes the increment back after the backend ran, without a host sync.
+    """
+
+    key: BucketKey
+    params: list[Tensor] = dataclasses.field(default_factory=list)
+    grads: list[Tensor] = dataclasses.field(default_factory=list)
+    exp_avgs: list[Tensor] = dataclasses.field(default_factory=list)
+    exp_avg_sqs: list[Tensor | None] = dataclasses.field(default_factory=list)
+    max_exp_avg_sqs: list[Tensor | None] = dataclasses.field(default_factory=list)
+    steps: list[Tensor] = dataclasses.field(default_factory=list)
+    hypers: list[Hyper] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def append(self, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hyper) -> None:
+        self.params.append(param)
+        self.grads.append(grad)
+        self.exp_avgs.append(exp_avg)
+        self.exp_avg_sqs.append(exp_avg_sq)
+        self.max_exp_avg_sqs.append(max_exp_avg_sq)
+        self.steps.append(step)
+        self.hypers.append(hyper)
+
+    def subset(self, index: list[int]) -> Bucket:
+        b = Bucket(self.key)
+        for i in index:
+            b.append(
+                self.params[i],
+                self.grads[i],
+                self.exp_avgs[i],
+                self.exp_avg_sqs[i],
+                self.max_exp_avg_sqs[i],
+                self.steps[i],
+                self.hypers[i],
+            )
+        return b
+
+    def by_variant(self) -> dict[Variant, list[int]]:
+        """Tensor indices per compile-time variant, in bucket order."""
+        out: dict[Variant, list[int]] = {}
+        for i, h in enumerate(self.hypers):
+            out.setdefault(h.variant, []).append(i)
+        return out
+
+
+def bias_corrections(h: Hyper, step: float) -> tuple[float, float]:
+    """(bc1, bc2) in float64, both 1 when bias correction is off (SPEC §1)."""
+    if not h.bias_correction:
+        return 1.0, 1.0
+    return 1.0 - h.beta1**step, 1.0 - h.beta2**step
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Math dtype: float32 for 16/32-bit storage, float64 for float64 storage."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_finite_number(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,122 @@
+"""``"foreach"``: SPEC §1 with ``torch._foreach_*`` ops, one call per op per param group.
+
+Runs anywhere torch runs (any device, any float dtype). 16-bit params are computed in float32 and
+written back. Step counts on the host give Python-float bias corrections (torch's foreach AdamW
+order); step counts on the device (``capturable``) or a tensor lr keep everything on the device.
+``found_inf`` is read with a host sync here; the fused backends avoid it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype
+from . import register
+
+
+def _cast(ts: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
+    if all(t.dtype == dtype for t in ts):
+        return ts, False
+    return [t.to(dtype) for t in ts], True
+
+
+def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
+    cd = compute_dtype(b.key.param_dtype)
+    theta, theta_cast = _cast(b.params, cd)
+    g, _ = _cast(b.grads, cd)
+    m, m_cast = _cast(b.exp_avgs, cd)
+    on_device = isinstance(h.lr, Tensor) or b.steps[0].device.type != "cpu"
+
+    if h.maximize:
+        g = torch._foreach_neg(g)
+    if grad_scale is not None:
+        g = torch._foreach_mul(g, grad_scale.to(cd).reciprocal())
+    if h.weight_decay != 0:
+        if h.decoupled:
+            torch._foreach_mul_(theta, 1 - h.lr * h.weight_decay)
+        else:
+            g = torch._foreach_add(g, theta, alpha=h.weight_decay)
+    torch._foreach_lerp_(m, g, 1 - h.beta1)
+
+    vv = None
+    if h.track_v:
+        v, v_cast = _cast(b.exp_avg_sqs, cd)
+        torch._foreach_mul_(v, h.beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - h.beta2)
+        if v_cast:
+            torch._foreach_copy_(b.exp_avg_sqs, v)
+        vv = v
+        if h.amsgrad:
+            vmax, vmax_cast = _cast(b.max_exp_avg_sqs, cd)
+            torch._foreach_maximum_(vmax, v)
+            if vmax_cast:
+                torch._foreach_copy_(b.max_exp_avg_sqs, vmax)
+            vv = vmax
+
+    # Bias corrections and step sizes: float64 Python numbers, or float64 device scalars.
+    if on_device:
+        t = [s.to(torch.float64) for s in b.steps]
+        lr = h.lr.to(b.params[0].device, torch.float64) if isinstance(h.lr, Tensor) else h.lr
+    else:
+        t = [s.item() for s in b.steps]
+        lr = h.lr
+    if h.bias_correction:
+        bc1 = [1 - h.beta1**ti for ti in t]
+        bc2 = [1 - h.beta2**ti for ti in t]
+    else:
+        bc1 = bc2 = [1.0] * len(t)
+    neg_step = [-(lr / x) for x in bc1]
+    if on_device:
+        neg_step = [x.to(cd) if isinstance(x, Tensor) else torch.tensor(x, dtype=cd,
+                    device=b.params[0].device) for x in neg_step]
+        bc2 = [x.to(cd) if isinstance(x, Tensor) else x for x in bc2]
+
+    p_class = h.variant.p_class
+    if p_class == P_ZERO:
+        d = torch._foreach_div(m, 1 + h.eps)
+        torch._foreach_mul_(d, neg_step)
+        torch._foreach_add_(theta, d)
+    else:
+        if p_class == P_HALF:
+            d = torch._foreach_sqrt(vv)
+            torch._foreach_div_(d, [x**0.5 for x in bc2])
+        else:
+            d = torch._foreach_div(vv, bc2)
+            d = torch._foreach_pow(d, h.exponent)  # v = 0, p < 0: inf, so the update is 0
+        torch._foreach_add_(d, h.eps)
+        if on_device:
+            torch._foreach_div_(d, neg_step)
+            torch._foreach_addcdiv_(theta, m, d)
+        else:
+            torch._foreach_addcdiv_(theta, m, d, neg_step)
+
+    if m_cast:
+        torch._foreach_copy_(b.exp_avgs, m)
+    if theta_cast:
+        torch._foreach_copy_(b.params, theta)
+
+
+class ForeachBackend:
+    name = "foreach"
+    steps_on_device = False
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def cannot_run(self, key: BucketKey) -> str | None:
+        return None
+
+    def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+        if found_inf is not None and found_inf.item() != 0:
+            return
+        groups: dict[int, list[int]] = {}
+        hypers: dict[int, Hyper] = {}
+        for i, h in enumerate(bucket.hypers):
+            groups.setdefault(id(h), []).append(i)
+            hypers[id(h)] = h
+        for hid, idx in groups.items():
+            _group_step(bucket.subset(idx), hypers[hid], grad_scale)
+
+
+register(ForeachBackend())

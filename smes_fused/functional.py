@@ -1,0 +1,238 @@
+"""Functional SMES: validation, bucketing and dispatch to the backends.
+
+``smes(...)`` is the torch-style entry point for one group of tensors (like
+``torch.optim.adamw.adamw``). :class:`smes_fused.SMES` gathers all of its param groups into
+buckets with :func:`add_to_buckets` and applies them with :func:`apply`, so that a fused backend
+covers every tensor of a (device, param dtype, state dtype) bucket in one launch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._bucket import Bucket, BucketKey, Hyper
+
+__all__ = ["smes", "check_hyper", "check_grad", "make_hyper", "add_to_buckets", "apply"]
+
+_BACKEND_NAMES = ("auto",) + backends.NAMES
+
+
+def check_backend_name(backend) -> None:
+    if backend not in _BACKEND_NAMES:
+        raise ValueError(
+            f"Invalid backend: {backend!r}; expected one of {', '.join(map(repr, _BACKEND_NAMES))}"
+        )
+
+
+def _real(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"Invalid {name}: {x!r}; expected a real number")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"Invalid {name}: {x}; expected a finite number")
+    return x
+
+
+def check_hyper(
+    *,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    exponent,
+    track_second_moment: bool = True,
+) -> None:
+    """Raise ValueError/TypeError naming the parameter, its value and the accepted range."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Invalid lr: a tensor lr must be a 1-element float tensor, got {lr}")
+    else:
+        lr = _real("lr", lr)
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}; expected lr >= 0")
+    eps = _real("eps", eps)
+    if eps < 0:
+        raise ValueError(f"Invalid epsilon value: {eps}; expected eps >= 0")
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)") from None
+    for i, b in enumerate((b1, b2)):
+        b = _real(f"beta{i + 1}", b)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}; expected 0 <= beta < 1")
+    wd = _real("weight_decay", weight_decay)
+    if wd < 0:
+        raise ValueError(f"Invalid weight_decay value: {wd}; expected weight_decay >= 0")
+    p = _real("exponent", exponent)
+    if p > 0 and eps == 0:
+        raise ValueError(
+            f"Invalid eps: 0 with exponent={p}; exponent > 0 needs eps > 0 "
+            "(v = 0 would give 0/0)"
+        )
+    if p != 0 and not track_second_moment:
+        raise ValueError(
+            f"Invalid exponent: {p} for a group created with exponent=0, which keeps no "
+            "exp_avg_sq; create the group with track_second_moment=True to change its exponent"
+        )
+
+
+def check_grad(param: Tensor, grad: Tensor) -> None:
+    """A gradient the backends can apply to ``param``, or a clear error."""
+    if param.is_complex():
+        raise TypeError(
+            "SMES does not support complex parameters; optimize torch.view_as_real(param) "
+            f"instead (got a {param.dtype} parameter of shape {tuple(param.shape)})"
+        )
+    if not param.is_floating_point():
+        raise TypeError(f"SMES needs floating-point parameters, got {param.dtype}")
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise RuntimeError("SMES does not support sparse gradients (got layout " f"{grad.layout})")
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"gradient shape {tuple(grad.shape)} does not match its parameter's shape "
+            f"{tuple(param.shape)}"
+        )
+    if grad.dtype != param.dtype:
+        raise TypeError(f"gradient dtype {grad.dtype} does not match its parameter's {param.dtype}")
+    if grad.device != param.device:
+        raise RuntimeError(
+            f"gradient device {grad.device} does not match its parameter's {param.device}"
+        )
+
+
+def make_hyper(
+    *,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    exponent,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    bias_correction,
+    track_second_moment,
+) -> Hyper:
+    return Hyper(
+        lr=lr if isinstance(lr, Tensor) else float(lr),
+        beta1=float(betas[0]),
+        beta2=float(betas[1]),
+        eps=float(eps),
+        exponent=float(exponent),
+        weight_decay=float(weight_decay),
+        decoupled=bool(decoupled_weight_decay),
+        amsgrad=bool(amsgrad),
+        maximize=bool(maximize),
+        bias_correction=bool(bias_correction),
+        track_v=bool(track_second_moment),
+    )
+
+
+def add_to_buckets(buckets: dict[BucketKey, Bucket], param, grad, m, v, vmax, step, h) -> None:
+    key = BucketKey(param.device, param.dtype, m.dtype)
+    b = buckets.get(key)
+    if b is None:
+        b = buckets[key] = Bucket(key)
+    b.append(param, grad, m, v if h.track_v else None, vmax if h.variant.amsgrad else None, step, h)
+
+
+def resolve(buckets: dict[BucketKey, Bucket], backend: str) -> dict[BucketKey, object]:
+    """The backend of every bucket; raises before anything is touched if one cannot run."""
+    return {key: backends.resolve(backend, key) for key in buckets}
+
+
+def apply(
+    buckets: dict[BucketKey, Bucket],
+    chosen: dict[BucketKey, object],
+    *,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Advance the step counts and apply every bucket with its backend (torch's fused protocol:
+    steps += 1, kernel, steps -= found_inf; no host sync on the fused paths)."""
+    for key, bucket in buckets.items():
+        if len(bucket) == 0:
+            continue
+        dev = key.device
+        gs = None if grad_scale is None else grad_scale.to(dev, torch.float32, non_blocking=True)
+        fi = None if found_inf is None else found_inf.to(dev, torch.float32, non_blocking=True)
+        torch._foreach_add_(bucket.steps, 1)
+        chosen[key](bucket, grad_scale=gs, found_inf=fi)
+        if fi is not None:
+            sdev = bucket.steps[0].device
+            torch._foreach_sub_(bucket.steps, [fi.to(sdev)] * len(bucket.steps))
+
+
+def smes(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor | None],
+    max_exp_avg_sqs: Sequence[Tensor | None],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    exponent: float = 0.5,
+    weight_decay: float = 1e-2,
+    decoupled_weight_decay: bool = True,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    bias_correction: bool = True,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One SMES step (SPEC §1) over one group of tensors, in place.
+
+    ``state_steps`` are float32 scalar tensors holding the number of steps taken so far; they are
+    incremented here. ``exp_avg_sqs`` entries may be None only when ``exponent == 0`` (no second
+    moment tracked); ``max_exp_avg_sqs`` entries are used only with ``amsgrad``.
+    """
+    check_backend_name(backend)
+    n = len(params)
+    lists = (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    if any(len(x) != n for x in lists):
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and state_steps "
+                         "must have the same length")
+    track_v = any(v is not None for v in exp_avg_sqs) or n == 0
+    if track_v and any(v is None for v in exp_avg_sqs):
+        raise ValueError("exp_avg_sqs must be all tensors or all None")
+    check_hyper(
+        lr=lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
+        exponent=exponent,
+        track_second_moment=track_v,
+    )
+    h = make_hyper(
+        lr=lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
+        exponent=exponent,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        bias_correction=bias_correction,
+        track_second_moment=track_v,
+    )
+    buckets: dict[BucketKey, Bucket] = {}
+    for i in range(n):
+        check_grad(params[i], grads[i])
+        if h.variant.amsgrad and max_exp_avg_sqs[i] is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sqs tensors")
+        add_to_buckets(
+            buckets, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i],
+            state_steps[i], h,
+        )
+    apply(buckets, resolve(buckets, backend), grad_scale=grad_scale, found_inf=found_inf)

@@ -1,0 +1,326 @@
+"""The SMES optimizer: a drop-in for torch.optim.AdamW with a real exponent p."""
+
+from __future__ import annotations
+
+import warnings
+from itertools import chain
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends, functional
+from ._bucket import Bucket, BucketKey
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+class SMES(Optimizer):
+    r"""Second-Moment Exponential Scaling: Adam whose denominator is :math:`\hat v^p`.
+
+    .. code-block:: text
+
+        input: θ_0, lr η, betas (β1, β2), eps ε, exponent p, weight decay λ
+        for t = 1, 2, ...:
+            g_t = ∇f(θ_{t-1})                    (−∇f if maximize; · 1/grad_scale if given)
+            g_t = g_t + λ θ_{t-1}                if λ ≠ 0 and not decoupled   (L2)
+            θ_{t-1} = θ_{t-1} (1 − η λ)          if λ ≠ 0 and decoupled       (AdamW)
+            m_t = β1 m_{t-1} + (1 − β1) g_t
+            v_t = β2 v_{t-1} + (1 − β2) g_t²     if v is tracked (p ≠ 0 or track_second_moment)
+            v_t = max(v_max, v_t)                if amsgrad
+            bc1 = 1 − β1^t, bc2 = 1 − β2^t       (1 if not bias_correction; float64)
+            D   = (v_t / bc2)^p + ε              (p = 0.5: sqrt(v_t)/sqrt(bc2) + ε; p = 0: 1 + ε)
+            θ_t = θ_{t-1} − (η / bc1) m_t / D
+
+    ``p = 0.5`` is exactly :class:`torch.optim.AdamW` (and, with
+    ``decoupled_weight_decay=False``, :class:`torch.optim.Adam`); ``p = 0`` with
+    ``bias_correction=False`` is ``torch.optim.SGD(lr=η(1−β1), momentum=β1)``; ``p < 0`` tilts
+    training toward generalisation (Balance theory, the paper in README).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate η (float or 1-element tensor). Default 1e-3.
+        betas: (β1, β2). Default (0.9, 0.999).
+        eps: ε added to the denominator. Default 1e-8; must be > 0 when p > 0.
+        weight_decay: λ. Default 1e-2 (as AdamW).
+        exponent: the balance coefficient p. Default 0.5 (AdamW).
+        decoupled_weight_decay: AdamW-style decay (default) or L2 added to the gradient.
+        amsgrad: use the running maximum of v.
+        maximize: maximize the objective.
+        bias_correction: divide by 1 − β^t. Default True.
+        track_second_moment: keep ``exp_avg_sq`` even at p = 0 (needed to change p later, e.g.
+            an exponent schedule). Default: ``exponent != 0``.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``. Default (None): float32 for 16-bit
+            params, the param's dtype otherwise; ``"param"``: always the param's dtype.
+        capturable: keep ``step`` on the param's device and compute bias corrections there, so
+            the step can be captured in a CUDA graph.
+        backend: ``"auto"`` (default), ``"reference"``, ``"foreach"``, ``"cpu"``, ``"cuda"`` or
+            ``"triton"``; see README "Backends".
+
+    ``step(closure=None, *, grad_scale=None, found_inf=None)`` accepts the unscale factor and
+    inf flag of :class:`torch.amp.GradScaler`, which passes them automatically.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        exponent: float = 0.5,
+        *,
+        decoupled_weight_decay: bool = True,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        bias_correction: bool = True,
+        track_second_moment: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        capturable: bool = False,
+        backend: str = "auto",
+    ):
+        functional.check_backend_name(backend)
+        self.backend = backend
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if not isinstance(betas, Tensor) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            exponent=exponent,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            bias_correction=bias_correction,
+            track_second_moment=track_second_moment,
+            state_dtype=state_dtype,
+            capturable=capturable,
+            # torch.optim.Adam(W)'s keys, so an SMES state_dict loads into AdamW unchanged.
+            foreach=None,
+            fused=None,
+            differentiable=False,
+        )
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- groups and validation
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        if group["track_second_moment"] is None:
+            group["track_second_moment"] = group["exponent"] != 0
+        _check_group(group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if isinstance(p, Tensor) and p.is_complex():
+                raise TypeError(
+                    "SMES does not support complex parameters; optimize torch.view_as_real(p) "
+                    f"instead (got a {p.dtype} parameter of shape {tuple(p.shape)})"
+                )
+        super().add_param_group(group)
+
+    @staticmethod
+    def _state_dtype(group: dict, p: Tensor) -> torch.dtype:
+        sd = group["state_dtype"]
+        if sd is None:
+            return torch.float32 if p.dtype in _SIXTEEN_BIT else p.dtype
+        if sd == "param":
+            return p.dtype
+        return sd
+
+    # ---------------------------------------------------------------- the step
+
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: Tensor | None = None, found_inf=None):
+        """One optimization step; returns the closure's loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+
+        # 1. Validate everything and choose the backends: nothing is mutated before this passes.
+        plan = []  # (param, group, hyper)
+        keys: set[BucketKey] = set()
+        for group in self.param_groups:
+            _check_group(group)
+            h = None
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                functional.check_grad(p, p.grad)
+                state = self.state.get(p)
+                if state:
+                    _check_state(p, state)
+                    sdt = state["exp_avg"].dtype
+                else:
+                    sdt = self._state_dtype(group, p)
+                if h is None:
+                    h = functional.make_hyper(
+                        lr=group["lr"],
+                        betas=group["betas"],
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                        exponent=group["exponent"],
+                        decoupled_weight_decay=group["decoupled_weight_decay"],
+                        amsgrad=group["amsgrad"],
+                        maximize=group["maximize"],
+                        bias_correction=group["bias_correction"],
+                        track_second_moment=group["track_second_moment"],
+                    )
+                plan.append((p, group, h))
+                keys.add(BucketKey(p.device, p.dtype, sdt))
+        chosen = {key: backends.resolve(self.backend, key) for key in keys}
+
+        # 2. State (lazily created) and buckets.
+        buckets: dict[BucketKey, Bucket] = {}
+        for p, group, h in plan:
+            state = self.state[p]
+            sdt = state["exp_avg"].dtype if state else self._state_dtype(group, p)
+            key = BucketKey(p.device, p.dtype, sdt)
+            on_device = group["capturable"] or chosen[key].steps_on_device
+            self._init_state(p, state, group, sdt, on_device)
+            functional.add_to_buckets(
+                buckets,
+                p,
+                p.grad,
+                state["exp_avg"],
+                state.get("exp_avg_sq"),
+                state.get("max_exp_avg_sq"),
+                state["step"],
+                h,
+            )
+
+        # 3. Apply.
+        functional.apply(buckets, chosen, grad_scale=grad_scale, found_inf=found_inf)
+        return loss
+
+    @staticmethod
+    def _init_state(p: Tensor, state: dict, group: dict, sdt: torch.dtype, on_device: bool):
+        step_dev = p.device if on_device else torch.device("cpu")
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_dev)
+        elif state["step"].device != step_dev:
+            state["step"] = state["step"].to(step_dev)
+
+        def zeros():
+            return torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+
+        if "exp_avg" not in state:
+            state["exp_avg"] = zeros()
+        if group["track_second_moment"]:
+            if "exp_avg_sq" not in state:
+                state["exp_avg_sq"] = zeros()
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = zeros()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load an SMES, AdamW or Adam state_dict without ever downcasting state.
+
+        Keys an AdamW/Adam checkpoint lacks (``exponent``, ...) keep this optimizer's values, so
+        an AdamW checkpoint continues as AdamW would in ``SMES(exponent=0.5)``.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        groups = []
+        for saved, cur in zip(saved_groups, self.param_groups):
+            g = dict(saved)
+            for k, v in cur.items():
+                if k not in g and k != "params":
+                    g[k] = v
+            if "track_second_moment" not in saved:
+                g["track_second_moment"] = g["exponent"] != 0 or cur["track_second_moment"]
+            _check_group(g)
+            groups.append(g)
+
+        # Saved id -> param, as torch's load_state_dict maps them.
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        saved_state = state_dict["state"]
+        for k, st in saved_state.items():
+            p = id_map.get(k)
+            if p is None:
+                continue
+            for name in _STATE_KEYS:
+                t = st.get(name)
+                if t is not None and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"loaded state {name!r} of shape {tuple(t.shape)} does not match its "
+                        f"parameter's shape {tuple(p.shape)}"
+                    )
+
+        super().load_state_dict({"state": saved_state, "param_groups": groups})
+
+        # torch's base class casts state to the param's dtype (bf16 params -> bf16 state):
+        # redo it from the loaded tensors, never narrowing them.
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        for k, st in saved_state.items():
+            p = id_map.get(k)
+            if p is None:
+                continue
+            want = self._state_dtype(group_of[p], p)
+            state = self.state[p]
+            for name in _STATE_KEYS:
+                t = st.get(name)
+                if t is None or not torch.is_tensor(t):
+                    continue
+                dt = want
+                if t.dtype.is_floating_point and _wider(t.dtype, want):
+                    warnings.warn(
+                        f"loaded {name} is {t.dtype}, wider than this optimizer's state dtype "
+                        f"{want}; keeping {t.dtype} rather than downcasting",
+                        stacklevel=2,
+                    )
+                    dt = t.dtype
+                state[name] = t.to(device=p.device, dtype=dt)
+            if "step" in st and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(torch.float32)
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> bool:
+    return torch.finfo(a).bits > torch.finfo(b).bits or (
+        a == torch.float32 and b in _SIXTEEN_BIT
+    )
+
+
+def _check_group(group: dict) -> None:
+    functional.check_hyper(
+        lr=group["lr"],
+        betas=group["betas"],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        exponent=group["exponent"],
+        track_second_moment=group["track_second_moment"],
+    )
+    sd = group["state_dtype"]
+    if not (sd is None or sd == "param" or (isinstance(sd, torch.dtype) and sd.is_floating_point)):
+        raise ValueError(
+            f"Invalid state_dtype: {sd!r}; expected None, 'param' or a floating torch.dtype"
+        )
+
+
+def _check_state(p: Tensor, state: dict) -> None:
+    for name in _STATE_KEYS:
+        t = state.get(name)
+        if t is not None and (t.shape != p.shape or t.device != p.device):
+            raise RuntimeError(
+                f"state {name!r} ({tuple(t.shape)} on {t.device}) does not match its parameter "
+                f"({tuple(p.shape)} on {p.device})"
+            )

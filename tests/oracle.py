@@ -1,0 +1,94 @@
+"""An independent evaluation of SPEC §1, written here from the spec (not from smes_fused).
+
+``spec_step(..., dtype=torch.float64)`` is the float64 truth the tolerances of SPEC §6 are
+measured against; ``dtype=torch.float32`` gives "what float32 can do" for the ill-conditioned
+allowance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+RTOL = {0.0: 2e-6, 0.5: 2e-6}  # SPEC §6; 1e-5 for every other exponent
+ATOL = 1e-7
+
+
+def rtol_for(p: float) -> float:
+    return RTOL.get(p, 1e-5)
+
+
+def spec_step(
+    param,
+    grad,
+    m,
+    v=None,
+    vmax=None,
+    *,
+    step: int,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    exponent=0.5,
+    weight_decay=1e-2,
+    decoupled_weight_decay=True,
+    amsgrad=False,
+    maximize=False,
+    bias_correction=True,
+    grad_scale=None,
+    dtype=torch.float64,
+):
+    """One step of SPEC §1. Returns new (param, m, v, vmax) in ``dtype`` (v/vmax None if absent)."""
+    b1, b2 = betas
+    th = param.detach().to(dtype).clone()
+    g = grad.detach().to(dtype).clone()
+    m = m.detach().to(dtype).clone()
+    v = None if v is None else v.detach().to(dtype).clone()
+    vmax = None if vmax is None else vmax.detach().to(dtype).clone()
+    if maximize:
+        g = -g
+    if grad_scale is not None:
+        g = g * (1.0 / float(grad_scale))
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            th = th * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * th
+    m = b1 * m + (1 - b1) * g
+    if v is not None:
+        v = b2 * v + (1 - b2) * g * g
+        if amsgrad:
+            vmax = torch.maximum(vmax, v)
+    bc1, bc2 = (1 - b1**step, 1 - b2**step) if bias_correction else (1.0, 1.0)
+    vv = vmax if (amsgrad and v is not None) else v
+    if exponent == 0:
+        d = torch.full_like(th, 1 + eps)
+    elif exponent == 0.5:
+        d = vv.sqrt() / math.sqrt(bc2) + eps
+    else:
+        d = (vv / bc2) ** exponent + eps
+    th = th - (lr / bc1) * (m / d)
+    return th, m, v, vmax
+
+
+def worst_ratio(new, old, ref, rtol, f32=None) -> float:
+    """max over elements of |new - ref| / tolerance; <= 1 passes SPEC §6.
+
+    With ``f32`` (the plain float32 evaluation), the tolerance is widened by 4x float32's own
+    error, SPEC §6's allowance for ill-conditioned rules.
+    """
+    if new.numel() == 0:
+        return 0.0
+    new = new.detach().double()
+    old = old.detach().double()
+    ref = ref.detach().double()
+    tol = rtol * (new.abs() + old.abs()) + ATOL
+    if f32 is not None:
+        tol = tol + 4 * (f32.detach().double() - ref).abs()
+    err = (new - ref).abs()
+    bad_nan = torch.isnan(new) != torch.isnan(ref)
+    if bad_nan.any():
+        return math.inf
+    ratio = torch.where(torch.isnan(ref), torch.zeros_like(err), err / tol)
+    return float(ratio.max())
