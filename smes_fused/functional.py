@@ -72,8 +72,7 @@ def check_hyper(
     p = _real("exponent", exponent)
     if p > 0 and eps == 0:
         raise ValueError(
-            f"Invalid eps: 0 with exponent={p}; exponent > 0 needs eps > 0 "
-            "(v = 0 would give 0/0)"
+            f"Invalid eps: 0 with exponent={p}; exponent > 0 needs eps > 0 (v = 0 would give 0/0)"
         )
     if p != 0 and not track_second_moment:
         raise ValueError(
@@ -92,7 +91,7 @@ def check_grad(param: Tensor, grad: Tensor) -> None:
     if not param.is_floating_point():
         raise TypeError(f"SMES needs floating-point parameters, got {param.dtype}")
     if grad.is_sparse or grad.layout != torch.strided:
-        raise RuntimeError("SMES does not support sparse gradients (got layout " f"{grad.layout})")
+        raise RuntimeError(f"SMES does not support sparse gradients (got layout {grad.layout})")
     if grad.shape != param.shape:
         raise ValueError(
             f"gradient shape {tuple(grad.shape)} does not match its parameter's shape "
@@ -201,8 +200,10 @@ def smes(
     n = len(params)
     lists = (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     if any(len(x) != n for x in lists):
-        raise ValueError("params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and state_steps "
-                         "must have the same length")
+        raise ValueError(
+            "params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and state_steps "
+            "must have the same length"
+        )
     track_v = any(v is not None for v in exp_avg_sqs) or n == 0
     if track_v and any(v is None for v in exp_avg_sqs):
         raise ValueError("exp_avg_sqs must be all tensors or all None")
@@ -232,7 +233,13 @@ def smes(
         if h.variant.amsgrad and max_exp_avg_sqs[i] is None:
             raise ValueError("amsgrad=True needs max_exp_avg_sqs tensors")
         add_to_buckets(
-            buckets, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i],
-            state_steps[i], h,
+            buckets,
+            params[i],
+            grads[i],
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            max_exp_avg_sqs[i],
+            state_steps[i],
+            h,
         )
     apply(buckets, resolve(buckets, backend), grad_scale=grad_scale, found_inf=found_inf)

@@ -86,7 +86,7 @@ class SMES(Optimizer):
         self.backend = backend
         defaults = dict(
             lr=lr,
-            betas=tuple(betas) if not isinstance(betas, Tensor) else betas,
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             exponent=exponent,
@@ -289,15 +289,13 @@ class SMES(Optimizer):
                         stacklevel=2,
                     )
                     dt = t.dtype
-                state[name] = t.to(device=p.device, dtype=dt)
+                state[name] = t.to(device=p.device, dtype=dt, copy=True)
             if "step" in st and torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].to(torch.float32)
 
 
 def _wider(a: torch.dtype, b: torch.dtype) -> bool:
-    return torch.finfo(a).bits > torch.finfo(b).bits or (
-        a == torch.float32 and b in _SIXTEEN_BIT
-    )
+    return torch.finfo(a).bits > torch.finfo(b).bits or (a == torch.float32 and b in _SIXTEEN_BIT)
 
 
 def _check_group(group: dict) -> None:

@@ -38,10 +38,10 @@ def register(backend) -> None:
 
 def get(name: str):
     _load_all()
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}: expected 'auto' or one of {', '.join(NAMES)}")
     if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown backend {name!r}: expected 'auto' or one of {', '.join(NAMES)}"
-        )
+        raise RuntimeError(f"backend {name!r} is not available: it is not part of this build")
     return _REGISTRY[name]
 
 

@@ -68,8 +68,12 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
         bc1 = bc2 = [1.0] * len(t)
     neg_step = [-(lr / x) for x in bc1]
     if on_device:
-        neg_step = [x.to(cd) if isinstance(x, Tensor) else torch.tensor(x, dtype=cd,
-                    device=b.params[0].device) for x in neg_step]
+        neg_step = [
+            x.to(cd)
+            if isinstance(x, Tensor)
+            else torch.tensor(x, dtype=cd, device=b.params[0].device)
+            for x in neg_step
+        ]
         bc2 = [x.to(cd) if isinstance(x, Tensor) else x for x in bc2]
 
     p_class = h.variant.p_class
