@@ -1,0 +1,1 @@
+"""Benchmark suite of smes_fused: run ``python -m bench --help``."""

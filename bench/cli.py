@@ -1,0 +1,183 @@
+"""python -m bench: SMES against torch.optim.AdamW(fused=True), on the device present.
+
+For every shape set and exponent (a "cell"), each competitor is built on the same float32
+parameters with random gradients (filled once; the optimizer step is timed alone, no
+backward), takes one step (its state allocation, or compilation, is reported as the first-step
+time), then all competitors of the cell are timed in interleaved rounds (A B C, C B A, ...)
+after warm-up rounds. Reported are medians, and the median of the per-round ratios to fused
+AdamW (speedup: > 1 is faster than fused AdamW).
+
+Competitors: torch.optim.AdamW with fused=True (in every cell), foreach=True and the for-loop
+(only in each set's first exponent cell: they are slow and do not depend on p), a torch.compile'd
+AdamW step (--compile only, first cell only: compiling for thousands of tensors takes many
+minutes on CPU),
+every usable SMES backend of the device (not "reference"), and the roofline: on CPU a kernel
+with the optimizer's memory pattern (smes_fused's roofline_ op when the compiled extension has
+it, else torch foreach adds), on GPU a device-to-device copy.
+
+Bytes per parameter (for GB/s): 28 for float32 AdamW and SMES (read param, grad, m, v; write
+param, m, v), 20 for SMES at p = 0 (v is not used), and what the roofline itself moves.
+Writes bench_<device>.csv and bench_<device>.png (suffixed _quick or _full in those modes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from . import report
+from .competitors import smes_backends
+from .env import environment
+from .roofline import roofline
+from .runner import Config, run
+from .shapes import BUILDERS, FULL_PARAMS, QUICK_SETS, shape_set
+
+COLUMNS_HELP = """\
+columns (console; the CSV has these under longer names, plus device, versions and commit):
+  ms/step      median time of one optimizer step
+  Mparam/s     parameters updated per second
+  B/param      bytes the step moves per parameter, used for GB/s
+  GB/s         B/param x params / time
+  %roof        GB/s as a percentage of the cell's roofline row
+  x fused      median over rounds of (fused AdamW time / this time): > 1 is faster
+  state MB     bytes of the optimizer state tensors (m, v, step) or the roofline's buffers
+  peak MB      rise of peak memory while the competitor is built and takes its first step
+               (CPU: process peak RSS; CUDA: torch.cuda.max_memory_allocated)
+  1st step s   construction + first step: state allocation, and compile time with --compile
+The CSV also has load_avg_1m, the 1-minute load average after each cell (this run's own
+threads included): far above the thread count, other processes shared the cores.
+"""
+EXPONENTS = (0.5, 0.25, 0.0, -0.08, 0.37)
+QUICK_EXPONENTS = (0.5, -0.08)
+
+
+def _list(items) -> str:
+    return ", ".join(map(str, items))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        epilog=COLUMNS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: tiny sets ({_list(QUICK_SETS)}), exponents {_list(QUICK_EXPONENTS)}, "
+        "3 repeats (~20 s)",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="whole models (VGG-16 138M, GPT-2 124M, ViT-B/16 86M params, ...) instead of "
+        "the default run's subsets; needs ~12 GB of memory and much longer",
+    )
+    p.add_argument(
+        "--sets",
+        nargs="+",
+        choices=list(BUILDERS),
+        metavar="SET",
+        help=f"shape sets to run, from: {_list(BUILDERS)} (default: all; --quick: "
+        f"{_list(QUICK_SETS)})",
+    )
+    p.add_argument(
+        "--exponents",
+        nargs="+",
+        type=float,
+        metavar="P",
+        help=f"SMES exponents (default: {_list(EXPONENTS)}; --quick: {_list(QUICK_EXPONENTS)})",
+    )
+    p.add_argument("--repeats", type=int, help="timed rounds per cell (default 10; --quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed rounds per cell (default 3; --quick 1)")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        metavar="NAME",
+        help="SMES backends (default: every one usable on the device, except reference)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add a torch.compile'd AdamW step; its compile time is the 1st-step column",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--out", default="results", help="directory for the CSV and PNG (default: results)"
+    )
+    args = p.parse_args(argv)
+    for name in ("repeats", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "repeats" else 0):
+            p.error(f"--{name} must be {'positive' if name == 'repeats' else 'non-negative'}")
+    return args
+
+
+def config_from(args: argparse.Namespace, device: torch.device, backends: tuple) -> Config:
+    scale = "quick" if args.quick else "full" if args.full else "default"
+    names = args.sets or (QUICK_SETS if args.quick else tuple(BUILDERS))
+    return Config(
+        device=device,
+        sets=tuple(shape_set(n, scale) for n in names),
+        exponents=tuple(args.exponents or (QUICK_EXPONENTS if args.quick else EXPONENTS)),
+        backends=backends,
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 3),
+        repeats=args.repeats or (3 if args.quick else 10),
+        compile=args.compile,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    env = environment(device)
+    considered = smes_backends(device, args.backends)
+    backends = tuple(b for b, why in considered.items() if why is None)
+    config = config_from(args, device, backends)
+
+    print(
+        f"device: {env['device_name']} ({device.type}), {env['threads']} threads, "
+        f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}"
+    )
+    busy = env["load_avg_start"] > 0.25 * (os.cpu_count() or 1)
+    if device.type == "cpu" and busy:
+        print(
+            f"warning: load average {env['load_avg_start']} on {os.cpu_count()} CPUs before the "
+            "run: other processes compete for the cores and the timings will be noisy"
+        )
+    for b, why in considered.items():
+        if why is not None:
+            print(f"SMES {b}: not benchmarked: {why}")
+    roof_name, roof_bytes, _ = roofline(device)
+    print(f"SMES backends: {', '.join(backends) or 'none'}; {roof_name} ({roof_bytes} B/param)")
+    for s in config.sets:
+        full = f", whole model {FULL_PARAMS[s.name] / 1e6:.1f}M" if s.name in FULL_PARAMS else ""
+        print(f"  {s.name}: {s.n_params / 1e6:.2f}M params, {s.n_tensors} tensors{full}")
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(total=config.rounds, unit="round", file=sys.stderr) as bar:
+        rows = run(
+            config, on_round=lambda: bar.update(1), on_cell=bar.set_description, on_skip=bar.write
+        )
+    elapsed = time.perf_counter() - t0
+    rows = [{**env, **r} for r in rows]
+
+    print(report.table(rows))
+    suffix = "_quick" if args.quick else "_full" if args.full else ""
+    stem = os.path.join(args.out, f"bench_{device.type}{suffix}")
+    report.write_csv(rows, stem + ".csv")
+    if rows:
+        report.plot(rows, stem + ".png")
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s; wrote {stem}.csv and {stem}.png")
+    return 0

@@ -1,0 +1,77 @@
+"""The memory roofline the suite measures itself, run as one more competitor of each cell.
+
+- CPU with the compiled extension: ``torch.ops.smes_fused.roofline_``, a kernel with exactly the
+  optimizer's memory pattern (read θ, g, m, v; write θ, m, v: 28 B/param) and its parallel split,
+  with trivial math.
+- CPU without it: three in-place ``torch._foreach_add_`` passes, θ += 1e-12·g, m += g, v += g.
+  They move 36 B/param (g is read three times), which is what the row's GB/s counts.
+- CUDA: a device-to-device copy of 14 bytes per parameter (28 B/param moved, read + write).
+
+It runs on the cell's own parameters and gradients (CPU) or on buffers of the cell's total size
+(CUDA), so every shape set gets the roofline of its own layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .timing import Step
+
+Roofline = tuple[str, int, Callable[[list[Tensor]], tuple[Step, list[Tensor]]]]
+
+
+def compiled_op() -> Callable | None:
+    """``smes_fused._ops.roofline`` (the ``roofline_`` op) if the extension is built, else None."""
+    try:
+        from smes_fused import _ops
+    except ImportError:
+        return None
+    if not _ops.HAVE_C or not hasattr(torch.ops.smes_fused, "roofline_"):
+        return None
+    return _ops.roofline
+
+
+def roofline(device: torch.device) -> Roofline:
+    """(name, bytes moved per parameter, build(params) -> (step, buffers it allocated))."""
+    if device.type == "cuda":
+        return "roofline: D2D copy", 28, _copy
+    op = compiled_op()
+    if op is not None:
+        return "roofline: smes_fused.roofline_", 28, lambda params: _kernel(op, params)
+    return "roofline: torch foreach", 36, _foreach
+
+
+def _kernel(op: Callable, params: list[Tensor]) -> tuple[Step, list[Tensor]]:
+    grads = [p.grad for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step() -> None:
+        op(params, grads, m, v)
+
+    return step, m + v
+
+
+def _foreach(params: list[Tensor]) -> tuple[Step, list[Tensor]]:
+    grads = [p.grad for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step() -> None:
+        torch._foreach_add_(params, grads, alpha=1e-12)  # reads and writes θ, leaves it as is
+        torch._foreach_add_(m, grads)
+        torch._foreach_add_(v, grads)
+
+    return step, m + v
+
+
+def _copy(params: list[Tensor]) -> tuple[Step, list[Tensor]]:
+    n = sum(p.numel() for p in params)
+    src = torch.ones(14 * n, dtype=torch.uint8, device=params[0].device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), [src, dst]

@@ -1,0 +1,68 @@
+"""Smoke test of the benchmark suite: ``python -m bench --quick`` runs, prints the table and
+writes a CSV with the expected columns and rows, and a PNG. Times are not checked."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import cli, report, shapes  # noqa: E402
+from bench.competitors import REFERENCE, smes_backends  # noqa: E402
+
+
+def test_model_shape_sets_have_the_published_parameter_counts():
+    for name, count in shapes.FULL_PARAMS.items():
+        assert shapes.shape_set(name, "full").n_params == count, name
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_quick_run_writes_table_csv_and_plot(tmp_path, device):
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", device, "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x fused" in done.stdout  # the table's header
+
+    with open(tmp_path / f"bench_{device}_quick.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == report.COLUMNS
+        rows = list(reader)
+    png = tmp_path / f"bench_{device}_quick.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    backends = [b for b, why in smes_backends(torch.device(device), None).items() if why is None]
+    first = cli.QUICK_EXPONENTS[0]
+    for name in shapes.QUICK_SETS:
+        for p in cli.QUICK_EXPONENTS:
+            cell = [r for r in rows if r["shape_set"] == name and float(r["exponent"]) == p]
+            got = {r["competitor"] for r in cell}
+            expected = {REFERENCE, *(f"SMES {b}" for b in backends)}
+            if p == first:
+                expected |= {"AdamW foreach", "AdamW for-loop"}
+            assert expected <= got, (name, p, got)
+            assert sum(n.startswith("roofline") for n in got) == 1
+            for r in cell:
+                assert float(r["ms_per_step"]) > 0 and float(r["gb_per_s"]) > 0
+                assert int(r["state_bytes"]) > 0
+                assert r["device"] == device and r["threads"] and r["torch"]
+                want = 20 if p == 0 and r["competitor"].startswith("SMES") else None
+                assert want is None or int(r["bytes_per_param"]) == want
+            fused = next(r for r in cell if r["competitor"] == REFERENCE)
+            assert float(fused["speedup_vs_fused_adamw"]) == 1.0
