@@ -1,0 +1,32 @@
+// SMES CPU kernels for AVX2 with FMA and F16C: 8 floats per vector.
+// Chosen at run time by smes_cpu.cpp; never built with -march=native.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "smes_cpu_job.h"  // after the pragma: smes_math.h is compiled for this ISA
+
+#define SMES_W 8
+#define SMES_ISA_NS avx2
+#define SMES_SQRT _mm256_sqrt_ps
+#include "smes_cpu_kernel.h"
+
+namespace smes {
+namespace cpu {
+namespace avx2 {
+void step_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
+  run_range<dispatch>(jobs, starts, n, b, e);
+}
+void roofline_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
+  run_range<roofline_segment>(jobs, starts, n, b, e);
+}
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace smes
+#pragma GCC pop_options
+
+smes::cpu::Kernels smes::cpu::kernels_avx2() {
+  return {"avx2", &avx2::step_range, &avx2::roofline_range};
+}

@@ -1,0 +1,45 @@
+// The CPU kernel's job table: plain structs shared by the torch binding (smes_cpu.cpp) and the
+// per-ISA kernel translation units (smes_cpu_avx512.cpp, smes_cpu_avx2.cpp, smes_cpu_base.cpp),
+// which include no torch header.
+#pragma once
+#include <cstdint>
+
+#include "smes_math.h"
+
+namespace smes {
+namespace cpu {
+
+// Storage dtype codes.
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct TensorJob {
+  void* p;           // param (P)
+  const void* g;     // grad (P)
+  void* m;           // exp_avg (S)
+  void* v;           // exp_avg_sq (S) or null
+  void* vmax;        // max_exp_avg_sq (S) or null
+  int64_t numel;
+  int code;          // variant code (smes_math.h)
+  int pdt, sdt;      // param / state dtype codes
+  Scalars s;
+};
+
+// Applies elements [begin, end) of the concatenation of all jobs; starts[i] is the offset of job i
+// (starts has n + 1 entries, starts[n] = total).
+using RangeFn = void (*)(const TensorJob* jobs, const int64_t* starts, int n, int64_t begin,
+                         int64_t end);
+
+// One set of kernels per instruction set; `roofline` has the optimizer's memory pattern
+// (read theta, g, m, v; write theta, m, v) with trivial math, float32 only.
+struct Kernels {
+  const char* isa;
+  RangeFn step;
+  RangeFn roofline;
+};
+
+Kernels kernels_avx512();
+Kernels kernels_avx2();
+Kernels kernels_base();
+
+}  // namespace cpu
+}  // namespace smes

@@ -1,0 +1,225 @@
+// SMES CUDA kernels: multi-tensor apply over a bucket (SPEC §3).
+//
+// No torch header here: raw pointers and cudaStream_t, so nvcc can compile (and CI can
+// register-check) this file on a machine whose torch is CPU-only.
+//
+// Layout of a launch: the tensors are cut into chunks of kChunk elements; block b applies chunk
+// meta.chunk[b] of tensor meta.tensor[b]. The metadata (tensor pointers and per-tensor
+// hyperparameters) travels as one __grid_constant__ kernel parameter (CUDA >= 12.1 allows
+// 32 KB), so a launch needs no device allocation or copy and can be captured in a CUDA graph.
+// Indexing is 32-bit inside a chunk; the chunk's offset in its tensor is 64-bit.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "smes_cuda.h"
+#include "smes_math.h"
+
+namespace smes {
+namespace cuda {
+namespace {
+
+constexpr int kChunk = 65536;        // elements per block
+constexpr int kThreads = 512;
+constexpr int kVec = 4;              // elements per thread per iteration (16 B of float32)
+constexpr int kMaxTensors = 64;      // per launch
+constexpr int kMaxBlocks = 1024;     // per launch
+
+struct LaunchMeta {
+  TensorArgs t[kMaxTensors];
+  uint8_t tensor[kMaxBlocks];
+  int32_t chunk[kMaxBlocks];
+};
+static_assert(sizeof(LaunchMeta) < 32000, "kernel parameter limit");
+
+struct DevMath {
+  __device__ __forceinline__ static float sqrt(float x) { return sqrtf(x); }
+  // (v/bc2)^p = v^p * bc2^-p; powf gives 0^p = inf for p < 0 and 0 for p > 0
+  __device__ __forceinline__ static float pow_hat(float v, const Scalars& s) {
+    return powf(v, s.p) * s.bc2_pow;
+  }
+  __device__ __forceinline__ static float quot(float m, float d) { return m / d; }
+  __device__ __forceinline__ static float max_nan(float a, float b) {
+    return (a < b || b != b) ? b : a;
+  }
+};
+
+// Storage <-> float32.
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+// kVec elements as one aligned access (16 B for float32, 8 B for 16-bit types).
+template <class T>
+struct alignas(sizeof(T) * kVec) Pack {
+  T x[kVec];
+};
+template <class T>
+__device__ __forceinline__ void load4(float* out, const T* p) {
+  Pack<T> v = *reinterpret_cast<const Pack<T>*>(p);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) out[k] = to_f(v.x[k]);
+}
+template <class T>
+__device__ __forceinline__ void store4(T* p, const float* in) {
+  Pack<T> v;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) v.x[k] = from_f<T>(in[k]);
+  *reinterpret_cast<Pack<T>*>(p) = v;
+}
+
+template <class T>
+__device__ __forceinline__ bool aligned(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kVec)) == 0;
+}
+
+struct DoublePow {
+  __device__ double operator()(double a, double b) const { return pow(a, b); }
+};
+struct DoubleSqrt {
+  __device__ double operator()(double a) const { return ::sqrt(a); }
+};
+struct DoubleLog2 {
+  __device__ double operator()(double a) const { return ::log2(a); }
+};
+
+template <class P, class S, int PC, bool TV, bool AMS, bool L2>
+__global__ void __launch_bounds__(kThreads)
+    smes_step_kernel(const __grid_constant__ LaunchMeta meta, const float* grad_scale,
+                     const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.f) return;  // nothing changes
+  const TensorArgs& ta = meta.t[meta.tensor[blockIdx.x]];
+  const int64_t base = static_cast<int64_t>(meta.chunk[blockIdx.x]) * kChunk;  // 64-bit offset
+  const int64_t left = ta.numel - base;
+  const int n = left < kChunk ? static_cast<int>(left) : kChunk;                 // 32-bit inside
+
+  const float inv_scale = grad_scale != nullptr ? 1.f / *grad_scale : 1.f;
+  const double lr = ta.lr_ptr != nullptr ? static_cast<double>(*ta.lr_ptr) : ta.lr;
+  const Scalars s = make_scalars(lr, ta.beta1, ta.beta2, ta.eps, ta.exponent, ta.weight_decay,
+                                 ta.flags, static_cast<double>(*ta.step), inv_scale, DoublePow(),
+                                 DoubleSqrt(), DoubleLog2());
+
+  P* __restrict__ pp = static_cast<P*>(ta.p) + base;
+  const P* __restrict__ gp = static_cast<const P*>(ta.g) + base;
+  S* __restrict__ mp = static_cast<S*>(ta.m) + base;
+  S* __restrict__ vp = TV ? static_cast<S*>(ta.v) + base : nullptr;
+  S* __restrict__ xp = AMS ? static_cast<S*>(ta.vmax) + base : nullptr;
+
+  const bool vec = (n % kVec == 0) && aligned<P>(pp) && aligned<P>(gp) && aligned<S>(mp) &&
+                   (!TV || aligned<S>(vp)) && (!AMS || aligned<S>(xp));
+  if (vec) {
+    for (int i = threadIdx.x * kVec; i < n; i += kThreads * kVec) {
+      float th[kVec], g[kVec], m[kVec], v[kVec], x[kVec];
+      load4(th, pp + i);
+      load4(g, gp + i);
+      load4(m, mp + i);
+      if (TV) load4(v, vp + i);
+      if (AMS) load4(x, xp + i);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) smes_update<PC, TV, AMS, L2, DevMath>(th[k], g[k], m[k], v[k], x[k], s);
+      store4(pp + i, th);
+      store4(mp + i, m);
+      if (TV) store4(vp + i, v);
+      if (AMS) store4(xp + i, x);
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      float th = to_f(pp[i]), g = to_f(gp[i]), m = to_f(mp[i]), v = 0.f, x = 0.f;
+      if (TV) v = to_f(vp[i]);
+      if (AMS) x = to_f(xp[i]);
+      smes_update<PC, TV, AMS, L2, DevMath>(th, g, m, v, x, s);
+      pp[i] = from_f<P>(th);
+      mp[i] = from_f<S>(m);
+      if (TV) vp[i] = from_f<S>(v);
+      if (AMS) xp[i] = from_f<S>(x);
+    }
+  }
+}
+
+// Fills `meta` with as many chunks as fit and launches; returns 0 or a cudaError_t.
+template <class P, class S, int PC, bool TV, bool AMS, bool L2>
+int launch_all(const TensorArgs* tensors, int n, const float* grad_scale,
+               const float* found_inf, cudaStream_t stream) {
+  if constexpr (PC != P_ZERO && !TV) {
+    return static_cast<int>(cudaErrorInvalidValue);  // p != 0 needs v
+  } else {
+    LaunchMeta meta;
+    int nt = 0, nb = 0;
+    auto flush = [&]() -> int {
+      if (nb == 0) return 0;
+      smes_step_kernel<P, S, PC, TV, AMS, L2>
+          <<<nb, kThreads, 0, stream>>>(meta, grad_scale, found_inf);
+      nt = 0;
+      nb = 0;
+      return static_cast<int>(cudaGetLastError());
+    };
+    for (int i = 0; i < n; ++i) {
+      const int64_t chunks = (tensors[i].numel + kChunk - 1) / kChunk;
+      if (chunks == 0) continue;
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (c == 0 || nt == 0) {
+          if (nt == kMaxTensors) {
+            if (int err = flush()) return err;
+          }
+          meta.t[nt++] = tensors[i];
+        }
+        meta.tensor[nb] = static_cast<uint8_t>(nt - 1);
+        meta.chunk[nb] = static_cast<int32_t>(c);
+        if (++nb == kMaxBlocks) {
+          if (int err = flush()) return err;
+        }
+      }
+    }
+    return flush();
+  }
+}
+
+template <class P, class S, int PC, bool TV, bool AMS>
+int by_l2(const TensorArgs* t, int n, int code, const float* gs, const float* fi, cudaStream_t st) {
+  return (code & kL2) ? launch_all<P, S, PC, TV, AMS, true>(t, n, gs, fi, st)
+                      : launch_all<P, S, PC, TV, AMS, false>(t, n, gs, fi, st);
+}
+template <class P, class S, int PC>
+int by_state(const TensorArgs* t, int n, int code, const float* gs, const float* fi,
+             cudaStream_t st) {
+  if (!(code & kTrackV)) return by_l2<P, S, PC, false, false>(t, n, code, gs, fi, st);
+  if (code & kAmsgrad) return by_l2<P, S, PC, true, true>(t, n, code, gs, fi, st);
+  return by_l2<P, S, PC, true, false>(t, n, code, gs, fi, st);
+}
+template <class P, class S>
+int by_pclass(const TensorArgs* t, int n, int code, const float* gs, const float* fi,
+              cudaStream_t st) {
+  switch (code & kPClassMask) {
+    case P_ZERO: return by_state<P, S, P_ZERO>(t, n, code, gs, fi, st);
+    case P_HALF: return by_state<P, S, P_HALF>(t, n, code, gs, fi, st);
+    default: return by_state<P, S, P_GENERAL>(t, n, code, gs, fi, st);
+  }
+}
+
+}  // namespace
+
+int launch_step(const TensorArgs* tensors, int n, int code, int param_dtype, int state_dtype,
+                const float* grad_scale, const float* found_inf, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (param_dtype * 3 + state_dtype) {
+    case F32 * 3 + F32: return by_pclass<float, float>(tensors, n, code, grad_scale, found_inf, st);
+    case BF16 * 3 + F32:
+      return by_pclass<__nv_bfloat16, float>(tensors, n, code, grad_scale, found_inf, st);
+    case F16 * 3 + F32: return by_pclass<__half, float>(tensors, n, code, grad_scale, found_inf, st);
+    case BF16 * 3 + BF16:
+      return by_pclass<__nv_bfloat16, __nv_bfloat16>(tensors, n, code, grad_scale, found_inf, st);
+    case F16 * 3 + F16: return by_pclass<__half, __half>(tensors, n, code, grad_scale, found_inf, st);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+}  // namespace cuda
+}  // namespace smes

@@ -1,0 +1,34 @@
+// Host interface of the CUDA kernels (csrc/smes_cuda.cu). Plain C++: no torch and no CUDA header
+// needed to include it (cudaStream_t is passed as void*).
+#pragma once
+#include <cstdint>
+
+namespace smes {
+namespace cuda {
+
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// One tensor of a launch. Hyperparameters are per tensor (param groups never split a launch);
+// step and (optionally) lr are read on the device, so the launch is capturable.
+struct TensorArgs {
+  void* p;              // param (P)
+  const void* g;        // grad (P)
+  void* m;              // exp_avg (S)
+  void* v;              // exp_avg_sq (S), null when not tracked
+  void* vmax;           // max_exp_avg_sq (S), null unless amsgrad
+  const float* step;    // float32 step count on the device (already incremented)
+  const float* lr_ptr;  // float32 lr on the device, or null: use `lr`
+  int64_t numel;
+  double beta1, beta2;  // float64: the bias corrections are computed in float64
+  float lr, eps, exponent, weight_decay;
+  int flags;            // smes_math.h kFlag*
+};
+
+// Applies one SMES step to `n` tensors that share the variant `code` (smes_math.h) and the
+// dtypes. grad_scale / found_inf: device float32 scalars or null. Returns 0 or a cudaError_t.
+// Launches ceil(chunks / kMaxBlocksPerLaunch) kernels, chunks of 65536 elements.
+int launch_step(const TensorArgs* tensors, int n, int code, int param_dtype, int state_dtype,
+                const float* grad_scale, const float* found_inf, void* stream);
+
+}  // namespace cuda
+}  // namespace smes

@@ -1,0 +1,163 @@
+// TORCH_LIBRARY_IMPL(smes_fused, CUDA): validates a bucket, builds the per-tensor launch
+// arguments on the host and calls the raw-pointer launcher of smes_cuda.cu. Compiled only when
+// setup.py builds the CUDA kernels (SMES_WITH_CUDA).
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "smes_cuda.h"
+#include "smes_math.h"
+
+namespace smes {
+namespace cuda {
+namespace {
+
+enum HyperCol { kLr = 0, kBeta1, kBeta2, kEps, kExponent, kWeightDecay, kFlags, kHyperCols };
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return F32;
+    case at::kBFloat16: return BF16;
+    case at::kHalf: return F16;
+    default: return -1;
+  }
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* what, int64_t i) {
+  TORCH_CHECK(t.device() == ref.device(), "smes_fused: ", what, "[", i, "] is on ", t.device(),
+              " but its param is on ", ref.device());
+  TORCH_CHECK(t.sizes() == ref.sizes() && t.strides() == ref.strides(), "smes_fused: layout: ",
+              what, "[", i, "] has a different shape or strides than its param");
+}
+
+thread_local std::vector<TensorArgs> t_args;
+thread_local std::vector<int> t_codes;
+thread_local std::vector<TensorArgs> t_group;
+thread_local std::vector<char> t_done;
+
+}  // namespace
+
+void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    const c10::List<std::optional<at::Tensor>>& exp_avg_sqs,
+                    const c10::List<std::optional<at::Tensor>>& max_exp_avg_sqs,
+                    at::TensorList steps, const at::Tensor& hypers,
+                    const c10::List<std::optional<at::Tensor>>& lrs,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const int64_t n = (int64_t)params.size();
+  if (n == 0) return;
+  TORCH_CHECK(grads.size() == (size_t)n && exp_avgs.size() == (size_t)n &&
+                  steps.size() == (size_t)n,
+              "smes_fused: params, grads, exp_avgs and steps must have the same length");
+  TORCH_CHECK(hypers.device().is_cpu() && hypers.scalar_type() == at::kDouble &&
+                  hypers.dim() == 2 && hypers.size(0) == n && hypers.size(1) == kHyperCols &&
+                  hypers.is_contiguous(),
+              "smes_fused: hypers must be a contiguous float64 CPU tensor of shape [n, 7]");
+  const at::Device dev = params[0].device();
+  const c10::cuda::CUDAGuard guard(dev);
+  const int pdt = dtype_code(params[0].scalar_type());
+  const int sdt = dtype_code(exp_avgs[0].scalar_type());
+  TORCH_CHECK(pdt >= 0 && (sdt == F32 || sdt == pdt),
+              "smes_fused (cuda): params must be float32/bfloat16/float16 with float32 or "
+              "param-dtype state");
+  for (const auto* o : {&grad_scale, &found_inf}) {
+    if (o->has_value())
+      TORCH_CHECK((*o)->device() == dev && (*o)->scalar_type() == at::kFloat,
+                  "smes_fused (cuda): grad_scale/found_inf must be float32 tensors on ", dev);
+  }
+  const double* hy = hypers.data_ptr<double>();
+  t_args.resize(n);
+  t_codes.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const double* h = hy + i * kHyperCols;
+    TORCH_CHECK(p.device() == dev, "smes_fused (cuda): params[", i, "] is on ", p.device());
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type() &&
+                    exp_avgs[i].scalar_type() == exp_avgs[0].scalar_type() &&
+                    grads[i].scalar_type() == p.scalar_type(),
+                "smes_fused (cuda): one launch takes one param dtype and one state dtype");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "smes_fused: layout: params[", i,
+                "] is not dense");
+    check_like(grads[i], p, "grads", i);
+    check_like(exp_avgs[i], p, "exp_avgs", i);
+    const int flags = (int)h[kFlags];
+    const int code = variant_code(h[kExponent], h[kWeightDecay], flags);
+    TensorArgs& a = t_args[i];
+    a.p = p.data_ptr();
+    a.g = grads[i].data_ptr();
+    a.m = exp_avgs[i].data_ptr();
+    a.v = nullptr;
+    a.vmax = nullptr;
+    if (code & kTrackV) {
+      TORCH_CHECK(exp_avg_sqs.size() == (size_t)n && exp_avg_sqs.get(i).has_value(),
+                  "smes_fused: tensor ", i, " tracks v but exp_avg_sqs[", i, "] is missing");
+      const at::Tensor v = *exp_avg_sqs.get(i);
+      check_like(v, p, "exp_avg_sqs", i);
+      TORCH_CHECK(v.scalar_type() == exp_avgs[i].scalar_type(), "smes_fused: state dtypes differ");
+      a.v = v.data_ptr();
+      if (code & kAmsgrad) {
+        TORCH_CHECK(max_exp_avg_sqs.size() == (size_t)n && max_exp_avg_sqs.get(i).has_value(),
+                    "smes_fused: tensor ", i, " uses amsgrad but max_exp_avg_sqs[", i,
+                    "] is missing");
+        const at::Tensor x = *max_exp_avg_sqs.get(i);
+        check_like(x, p, "max_exp_avg_sqs", i);
+        TORCH_CHECK(x.scalar_type() == exp_avgs[i].scalar_type(),
+                    "smes_fused: state dtypes differ");
+        a.vmax = x.data_ptr();
+      }
+    } else {
+      TORCH_CHECK((code & kPClassMask) == P_ZERO, "smes_fused: tensor ", i,
+                  " has a non-zero exponent but does not track exp_avg_sq");
+    }
+    const at::Tensor& st = steps[i];
+    TORCH_CHECK(st.device() == dev && st.scalar_type() == at::kFloat && st.numel() == 1,
+                "smes_fused (cuda): steps[", i, "] must be a one-element float32 tensor on ", dev);
+    a.step = st.data_ptr<float>();
+    a.lr_ptr = nullptr;
+    if (lrs.size() != 0) {
+      const std::optional<at::Tensor> l = lrs.get(i);
+      if (l.has_value()) {
+        TORCH_CHECK(l->device() == dev && l->scalar_type() == at::kFloat && l->numel() == 1,
+                    "smes_fused (cuda): a tensor lr must be a one-element float32 tensor on ",
+                    dev);
+        a.lr_ptr = l->data_ptr<float>();
+      }
+    }
+    a.numel = p.numel();
+    a.beta1 = h[kBeta1];
+    a.beta2 = h[kBeta2];
+    a.lr = (float)h[kLr];
+    a.eps = (float)h[kEps];
+    a.exponent = (float)h[kExponent];
+    a.weight_decay = (float)h[kWeightDecay];
+    a.flags = flags;
+    t_codes[i] = code;
+  }
+  const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  void* stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  // One launch (or a few, for very large buckets) per variant present, usually one in all.
+  std::vector<TensorArgs>& group = t_group;
+  std::vector<char>& done = t_done;
+  done.assign(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (done[i]) continue;
+    group.clear();
+    for (int64_t j = i; j < n; ++j) {
+      if (!done[j] && t_codes[j] == t_codes[i]) {
+        group.push_back(t_args[j]);
+        done[j] = 1;
+      }
+    }
+    const int err = launch_step(group.data(), (int)group.size(), t_codes[i], pdt, sdt, gs, fi,
+                                stream);
+    TORCH_CHECK(err == 0, "smes_fused (cuda): kernel launch failed with CUDA error ", err);
+  }
+}
+
+}  // namespace cuda
+}  // namespace smes
+
+TORCH_LIBRARY_IMPL(smes_fused, CUDA, m) { m.impl("smes_step_", &smes::cuda::smes_step_cuda); }

@@ -1,0 +1,105 @@
+"""The compiled ops of ``smes_fused._C`` (csrc/), loaded when present.
+
+Importing this module never fails: ``HAVE_C`` says whether the extension loaded, and
+``unavailable_reason()`` says why not and how to build it. The ops are
+
+- ``torch.ops.smes_fused.smes_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+  steps, hypers, lrs, grad_scale=None, found_inf=None)``: one SMES step of a whole bucket
+  (params, exp_avgs, exp_avg_sqs and max_exp_avg_sqs mutated in place);
+- ``torch.ops.smes_fused.roofline_(params, grads, exp_avgs, exp_avg_sqs)``: the same memory
+  traffic with trivial math, the CPU memory roofline of the benchmark suite (see :func:`roofline`).
+
+``hypers`` is a contiguous float64 CPU tensor of shape ``[n, 7]``; its columns are
+:data:`HYPER_COLUMNS`, the last one the bit flags ``FLAG_*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+
+HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "exponent", "weight_decay", "flags")
+FLAG_BIAS_CORRECTION = 1
+FLAG_DECOUPLED = 2
+FLAG_AMSGRAD = 4
+FLAG_MAXIMIZE = 8
+FLAG_TRACK_V = 16
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.smes_fused.*)
+
+    HAVE_C = True
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # not built, or built against another torch
+    _C = None
+    HAVE_C = False
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def unavailable_reason() -> str | None:
+    """None when the compiled ops are loaded, else why not and the build command."""
+    if HAVE_C:
+        return None
+    return (
+        f"the compiled extension smes_fused._C is not available ({_IMPORT_ERROR}); build it "
+        f"from the source tree with `{BUILD_COMMAND}` (needs a C++ compiler, ninja and torch; "
+        "for the CUDA kernels also nvcc and a CUDA build of torch)"
+    )
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the extension was built with its CUDA kernels."""
+    return HAVE_C and bool(_C.has_cuda())
+
+
+def cpu_isa() -> str | None:
+    """The CPU kernel set in use ("avx512", "avx2" or "base"; env SMES_CPU_ISA caps it)."""
+    return _C.cpu_isa() if HAVE_C else None
+
+
+if HAVE_C:
+
+    @torch.library.register_fake("smes_fused::smes_step_")
+    def _smes_step_fake(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hypers, lrs,
+        grad_scale=None, found_inf=None,
+    ) -> None:  # fmt: skip
+        return None
+
+    @torch.library.register_fake("smes_fused::roofline_")
+    def _roofline_fake(params, grads, exp_avgs, exp_avg_sqs) -> None:
+        return None
+
+
+def smes_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor | None],
+    max_exp_avg_sqs: list[Tensor | None],
+    steps: list[Tensor],
+    hypers: Tensor,
+    lrs: list[Tensor | None],
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    torch.ops.smes_fused.smes_step_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hypers, lrs,
+        grad_scale, found_inf,
+    )  # fmt: skip
+
+
+def roofline(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]
+) -> None:
+    """The SMES step's memory traffic (read θ, g, m, v; write θ, m, v: 28 B per float32
+    element) with trivial math and the same parallel split as the CPU kernel.
+
+    Time it to get the memory roofline of the optimizer on this machine. Float32, contiguous,
+    CPU tensors; θ changes by a negligible 1e-30·g, m and v grow by g.
+    """
+    if not HAVE_C:
+        raise RuntimeError(unavailable_reason())
+    torch.ops.smes_fused.roofline_(params, grads, exp_avgs, exp_avg_sqs)

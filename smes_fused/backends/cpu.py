@@ -1,0 +1,145 @@
+"""``"cpu"``: the compiled multi-tensor CPU kernel (csrc/smes_cpu*.cpp).
+
+One call of ``torch.ops.smes_fused.smes_step_`` applies the whole bucket, across param groups and
+variants, in one parallel region; the kernel (AVX-512, AVX2 or SSE2, chosen at run time) reads
+each tensor's hyperparameters from a float64 table that is rebuilt only when they change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+from .._bucket import Bucket, BucketKey, Hyper
+from . import register
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _device_lr(h: Hyper, device_type: str) -> bool:
+    """Whether the kernel reads this tensor's lr from a tensor (else from the table)."""
+    return isinstance(h.lr, Tensor) and h.lr.device.type == device_type
+
+
+def hyper_row(h: Hyper, device_type: str = "cpu") -> tuple:
+    """One row of the kernel's float64 hyperparameter table (columns: _ops.HYPER_COLUMNS).
+
+    A tensor lr on the kernel's device type is read by the kernel (the row holds 0); any other
+    tensor lr is read here (a CPU tensor: no device sync).
+    """
+    flags = (
+        (_ops.FLAG_BIAS_CORRECTION if h.bias_correction else 0)
+        | (_ops.FLAG_DECOUPLED if h.decoupled else 0)
+        | (_ops.FLAG_AMSGRAD if h.amsgrad else 0)
+        | (_ops.FLAG_MAXIMIZE if h.maximize else 0)
+        | (_ops.FLAG_TRACK_V if h.track_v else 0)
+    )
+    lr = 0.0 if _device_lr(h, device_type) else float(h.lr)
+    return (lr, h.beta1, h.beta2, h.eps, h.exponent, h.weight_decay, float(flags))
+
+
+class HyperTable:
+    """The per-tensor hyperparameter table, kept between steps.
+
+    Consecutive tensors usually share one Hyper object (one per param group), so the table is
+    described by runs of (count, row); it is refilled in place only when that description changes
+    (an lr schedule), and reallocated only when the number of tensors changes.
+    """
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        self.device_type = device_type
+        self._key: tuple | None = None
+        self.table: Tensor | None = None
+        self.lrs: list = []
+
+    def update(self, hypers: list[Hyper]) -> Tensor:
+        runs: list = []
+        prev = None
+        count = 0
+        tensor_lr = False
+        for h in hypers:
+            if h is prev:
+                count += 1
+                continue
+            if prev is not None:
+                runs.append((count, hyper_row(prev, self.device_type)))
+            prev, count = h, 1
+            tensor_lr = tensor_lr or _device_lr(h, self.device_type)
+        if prev is not None:
+            runs.append((count, hyper_row(prev, self.device_type)))
+        key = tuple(runs)
+        if key != self._key or self.table is None:
+            n = len(hypers)
+            if self.table is None or self.table.shape[0] != n:
+                self.table = torch.empty((n, len(_ops.HYPER_COLUMNS)), dtype=torch.float64)
+            view = self.table.numpy()
+            start = 0
+            for cnt, row in runs:
+                view[start : start + cnt] = row
+                start += cnt
+            self._key = key
+        self.lrs = self._lrs(hypers) if tensor_lr else []
+        return self.table
+
+    def _lrs(self, hypers: list[Hyper]) -> list:
+        out = []
+        for h in hypers:
+            lr = h.lr if _device_lr(h, self.device_type) else None
+            if lr is not None and self.device_type == "cuda" and lr.dtype != torch.float32:
+                lr = lr.float()  # the CUDA kernel reads a float32 lr
+            out.append(lr)
+        return out
+
+
+class CpuBackend:
+    name = "cpu"
+    # The kernel reads step counts on the host; on a CPU bucket that is the parameters' device.
+    steps_on_device = False
+
+    def __init__(self) -> None:
+        self._tables: dict = {}
+
+    def unavailable(self) -> str | None:
+        return _ops.unavailable_reason()
+
+    def cannot_run(self, key: BucketKey) -> str | None:
+        if key.device.type != "cpu":
+            return f"the cpu backend runs CPU tensors only, not {key.device}"
+        if key.param_dtype not in _PARAM_DTYPES:
+            return f"params of dtype {key.param_dtype} (supported: float32, bfloat16, float16)"
+        if key.state_dtype not in (torch.float32, key.param_dtype):
+            return f"state dtype {key.state_dtype} (supported: float32 or the param dtype)"
+        return None
+
+    def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+        if len(bucket) == 0:
+            return
+        tab = self._tables.get(bucket.key)
+        if tab is None:
+            tab = self._tables[bucket.key] = HyperTable(bucket.key.device.type)
+        hypers = tab.update(bucket.hypers)
+        try:
+            _ops.smes_step_(
+                bucket.params,
+                bucket.grads,
+                bucket.exp_avgs,
+                bucket.exp_avg_sqs,
+                bucket.max_exp_avg_sqs,
+                bucket.steps,
+                hypers,
+                tab.lrs,
+                grad_scale,
+                found_inf,
+            )
+        except RuntimeError as e:
+            # Strided or mixed layouts the flat kernel cannot walk (checked before any write):
+            # apply the bucket with the per-tensor reference path instead.
+            if "smes_fused: layout" not in str(e):
+                raise
+            from .reference import ReferenceBackend
+
+            ReferenceBackend()(bucket, grad_scale=grad_scale, found_inf=found_inf)
+
+
+register(CpuBackend())
