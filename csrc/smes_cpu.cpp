@@ -63,6 +63,7 @@ double scalar_value(const at::Tensor& t) {
 // Reused between calls (no allocation per step once the capacity is reached).
 thread_local std::vector<TensorJob> t_jobs;
 thread_local std::vector<int64_t> t_starts;
+thread_local std::vector<double> t_steps;
 
 // Same layout as `ref` (dense, non-overlapping, same strides) so both can be walked as flat arrays.
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* what, int64_t i) {
@@ -115,6 +116,7 @@ void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const double* hy = hypers.data_ptr<double>();
   t_jobs.resize(n);
   t_starts.resize(n + 1);
+  t_steps.resize(n);
   int64_t total = 0;
   // Validate everything before anything is mutated (SPEC §5).
   for (int64_t i = 0; i < n; ++i) {
@@ -166,9 +168,11 @@ void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                   h[kExponent], " != 0 but does not track exp_avg_sq");
     }
     const at::Tensor& st = steps[i];
-    TORCH_CHECK(st.numel() == 1 && st.device().is_cpu(),
-                "smes_fused (cpu): steps[", i, "] must be a one-element CPU tensor");
-    const double step = scalar_value(st);
+    TORCH_CHECK(st.numel() == 1 && st.device().is_cpu() &&
+                    (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
+                "smes_fused (cpu): steps[", i, "] must be a one-element float32 CPU tensor");
+    const double step = scalar_value(st) + 1.0;  // this step's count
+    t_steps[i] = step;
     double lr = h[kLr];
     if (lrs.size() != 0) {
       const std::optional<at::Tensor> l = lrs.get(i);
@@ -186,6 +190,15 @@ void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     total += j.numel;
   }
   t_starts[n] = total;
+  // Everything is valid: advance the step counts (serially: no chunk reads them after this).
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& st = steps[i];
+    if (st.scalar_type() == at::kFloat) {
+      *st.data_ptr<float>() = (float)t_steps[i];
+    } else {
+      *st.data_ptr<double>() = t_steps[i];
+    }
+  }
   run(pick_kernels(), false, total);
 }
 
@@ -227,7 +240,7 @@ void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
 TORCH_LIBRARY(smes_fused, m) {
   m.def(
       "smes_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)?[] exp_avg_sqs, Tensor(d!)?[] max_exp_avg_sqs, Tensor[] steps, Tensor hypers, "
+      "Tensor(c!)?[] exp_avg_sqs, Tensor(d!)?[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor hypers, "
       "Tensor?[] lrs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "roofline_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "

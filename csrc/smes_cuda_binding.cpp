@@ -3,6 +3,7 @@
 // setup.py builds the CUDA kernels (SMES_WITH_CUDA).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -135,6 +136,9 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     a.flags = flags;
     t_codes[i] = code;
   }
+  // The kernel reads this step's count on the device: advance the counts first, and take the
+  // advance back after the launch where found_inf is set (torch's fused protocol, no host sync).
+  at::_foreach_add_(steps, 1);
   const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   void* stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
@@ -154,6 +158,9 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     const int err = launch_step(group.data(), (int)group.size(), t_codes[i], pdt, sdt, gs, fi,
                                 stream);
     TORCH_CHECK(err == 0, "smes_fused (cuda): kernel launch failed with CUDA error ", err);
+  }
+  if (found_inf.has_value()) {
+    at::_foreach_sub_(steps, std::vector<at::Tensor>(steps.size(), *found_inf));
   }
 }
 

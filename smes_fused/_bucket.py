@@ -10,6 +10,7 @@ backends compile one kernel per variant and may launch once per variant present 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import NamedTuple
@@ -83,9 +84,9 @@ class Bucket:
     """Parallel lists, one entry per parameter that has a gradient this step.
 
     ``exp_avg_sqs[i]`` is None where ``v`` is not tracked; ``max_exp_avg_sqs[i]`` is None unless
-    amsgrad is on for a tracked tensor. ``steps[i]`` is the float32 scalar step count, already
-    incremented for this step by the caller (torch's fused convention); when ``found_inf`` is set
-    the caller takes the increment back after the backend ran, without a host sync.
+    amsgrad is on for a tracked tensor. ``steps[i]`` is the float32 scalar count of the steps
+    taken so far; the backend advances it by one, unless ``found_inf`` is non-zero (then nothing
+    changes at all).
     """
 
     key: BucketKey
@@ -129,6 +130,17 @@ class Bucket:
         for i, h in enumerate(self.hypers):
             out.setdefault(h.variant, []).append(i)
         return out
+
+
+@contextlib.contextmanager
+def steps_advanced(steps: list[Tensor], found_inf: Tensor | None):
+    """Around a kernel that reads this step's count from the step tensors: advance them first,
+    and take the advance back afterwards where ``found_inf`` is set, with no host sync (torch's
+    fused-optimizer protocol)."""
+    torch._foreach_add_(steps, 1)
+    yield
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
 
 
 def bias_corrections(h: Hyper, step: float) -> tuple[float, float]:

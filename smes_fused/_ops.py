@@ -5,7 +5,8 @@ Importing this module never fails: ``HAVE_C`` says whether the extension loaded,
 
 - ``torch.ops.smes_fused.smes_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
   steps, hypers, lrs, grad_scale=None, found_inf=None)``: one SMES step of a whole bucket
-  (params, exp_avgs, exp_avg_sqs and max_exp_avg_sqs mutated in place);
+  (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs mutated in place, and the step counts
+  advanced by one unless found_inf is non-zero);
 - ``torch.ops.smes_fused.roofline_(params, grads, exp_avgs, exp_avg_sqs)``: the same memory
   traffic with trivial math, the CPU memory roofline of the benchmark suite (see :func:`roofline`).
 

@@ -153,19 +153,15 @@ def apply(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    """Advance the step counts and apply every bucket with its backend (torch's fused protocol:
-    steps += 1, kernel, steps -= found_inf; no host sync on the fused paths)."""
+    """Apply every bucket with its backend, which also advances the step counts (unless
+    ``found_inf`` is non-zero: then nothing changes, with no host sync on the fused paths)."""
     for key, bucket in buckets.items():
         if len(bucket) == 0:
             continue
         dev = key.device
         gs = None if grad_scale is None else grad_scale.to(dev, torch.float32, non_blocking=True)
         fi = None if found_inf is None else found_inf.to(dev, torch.float32, non_blocking=True)
-        torch._foreach_add_(bucket.steps, 1)
         chosen[key](bucket, grad_scale=gs, found_inf=fi)
-        if fi is not None:
-            sdev = bucket.steps[0].device
-            torch._foreach_sub_(bucket.steps, [fi.to(sdev)] * len(bucket.steps))
 
 
 def smes(
@@ -193,8 +189,9 @@ def smes(
     """One SMES step (SPEC §1) over one group of tensors, in place.
 
     ``state_steps`` are float32 scalar tensors holding the number of steps taken so far; they are
-    incremented here. ``exp_avg_sqs`` entries may be None only when ``exponent == 0`` (no second
-    moment tracked); ``max_exp_avg_sqs`` entries are used only with ``amsgrad``.
+    advanced by one (not when ``found_inf`` is non-zero). ``exp_avg_sqs`` entries may be None
+    only when ``exponent == 0`` (no second moment tracked); ``max_exp_avg_sqs`` entries are used
+    only with ``amsgrad``.
     """
     check_backend_name(backend)
     n = len(params)

@@ -146,60 +146,15 @@ class SMES(Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
-        # 1. Validate everything and choose the backends: nothing is mutated before this passes.
-        plan = []  # (param, group, hyper)
-        keys: set[BucketKey] = set()
-        for group in self.param_groups:
-            _check_group(group)
-            h = None
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                functional.check_grad(p, p.grad)
-                state = self.state.get(p)
-                if state:
-                    _check_state(p, state)
-                    sdt = state["exp_avg"].dtype
-                else:
-                    sdt = self._state_dtype(group, p)
-                if h is None:
-                    h = functional.make_hyper(
-                        lr=group["lr"],
-                        betas=group["betas"],
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        exponent=group["exponent"],
-                        decoupled_weight_decay=group["decoupled_weight_decay"],
-                        amsgrad=group["amsgrad"],
-                        maximize=group["maximize"],
-                        bias_correction=group["bias_correction"],
-                        track_second_moment=group["track_second_moment"],
-                    )
-                plan.append((p, group, h))
-                keys.add(BucketKey(p.device, p.dtype, sdt))
-        chosen = {key: backends.resolve(self.backend, key) for key in keys}
-
-        # 2. State (lazily created) and buckets.
-        buckets: dict[BucketKey, Bucket] = {}
-        for p, group, h in plan:
-            state = self.state[p]
-            sdt = state["exp_avg"].dtype if state else self._state_dtype(group, p)
-            key = BucketKey(p.device, p.dtype, sdt)
-            on_device = group["capturable"] or chosen[key].steps_on_device
-            self._init_state(p, state, group, sdt, on_device)
-            functional.add_to_buckets(
-                buckets,
-                p,
-                p.grad,
-                state["exp_avg"],
-                state.get("exp_avg_sq"),
-                state.get("max_exp_avg_sq"),
-                state["step"],
-                h,
-            )
-
-        # 3. Apply.
-        functional.apply(buckets, chosen, grad_scale=grad_scale, found_inf=found_inf)
+        # Nothing is mutated until everything is validated and every bucket has a backend.
+        hypers = [_group_hyper(group) for group in self.param_groups]
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        plan = getattr(self, "_plan", None)
+        if plan is None or not plan.fits(self, hypers, grads):
+            plan = self._plan = _Plan(self, hypers, grads)
+        else:
+            plan.refresh(hypers, grads)
+        functional.apply(plan.buckets, plan.backends, grad_scale=grad_scale, found_inf=found_inf)
         return loss
 
     @staticmethod
@@ -267,6 +222,7 @@ class SMES(Optimizer):
                     )
 
         super().load_state_dict({"state": saved_state, "param_groups": groups})
+        self._state_version = getattr(self, "_state_version", 0) + 1
 
         # torch's base class casts state to the param's dtype (bf16 params -> bf16 state):
         # redo it from the loaded tensors, never narrowing them.
@@ -322,3 +278,108 @@ def _check_state(p: Tensor, state: dict) -> None:
                 f"state {name!r} ({tuple(t.shape)} on {t.device}) does not match its parameter "
                 f"({tuple(p.shape)} on {p.device})"
             )
+
+
+def _group_hyper(group: dict):
+    """The validated hyperparameters of one param group, as the backends read them."""
+    _check_group(group)
+    return functional.make_hyper(
+        lr=group["lr"],
+        betas=group["betas"],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        exponent=group["exponent"],
+        decoupled_weight_decay=group["decoupled_weight_decay"],
+        amsgrad=group["amsgrad"],
+        maximize=group["maximize"],
+        bias_correction=group["bias_correction"],
+        track_second_moment=group["track_second_moment"],
+    )
+
+
+def _signature(opt: SMES, hypers: list) -> tuple:
+    """What the buckets are made of, apart from the gradients: the groups' params and structural
+    settings, the backend, and the state (replaced by load_state_dict or by hand)."""
+    return (
+        opt.backend,
+        id(opt.state),
+        len(opt.state),
+        getattr(opt, "_state_version", 0),
+        tuple(
+            (id(g["params"]), len(g["params"]), h.variant, g["state_dtype"], g["capturable"])
+            for g, h in zip(opt.param_groups, hypers)
+        ),
+    )
+
+
+class _Plan:
+    """The buckets of one optimizer, kept between steps.
+
+    Built (with full validation and lazy state creation) on the first step and whenever the
+    groups' structure, the set of params with gradients, the backend or the state changes. On
+    the other steps only the gradients (new tensors after ``zero_grad()``) and the hyperparameter
+    values (lr schedules) are refreshed: a few list operations per tensor. Gradients of the
+    wrong shape, dtype or device cannot be assigned to ``.grad`` (autograd refuses them) and the
+    fused kernels check them again before writing; sparse gradients are checked here.
+    """
+
+    def __init__(self, opt: SMES, hypers: list, grads: list) -> None:
+        groups = opt.param_groups
+        todo = []  # (flat index, param, group index, state dtype)
+        keys: set[BucketKey] = set()
+        flat = 0
+        for gi, group in enumerate(groups):
+            for p in group["params"]:
+                g = grads[flat]
+                if g is not None:
+                    functional.check_grad(p, g)
+                    state = opt.state.get(p)
+                    if state:
+                        _check_state(p, state)
+                        sdt = state["exp_avg"].dtype
+                    else:
+                        sdt = opt._state_dtype(group, p)
+                    todo.append((flat, p, gi, sdt))
+                    keys.add(BucketKey(p.device, p.dtype, sdt))
+                flat += 1
+        self.backends = {key: backends.resolve(opt.backend, key) for key in keys}
+
+        # Validated: create missing state and fill the buckets.
+        self.buckets: dict[BucketKey, Bucket] = {}
+        self.index: dict[BucketKey, list[int]] = {}  # flat param index per bucket tensor
+        self.group_of: dict[BucketKey, list[int]] = {}  # group index per bucket tensor
+        for i, p, gi, sdt in todo:
+            group, h = groups[gi], hypers[gi]
+            key = BucketKey(p.device, p.dtype, sdt)
+            on_device = group["capturable"] or self.backends[key].steps_on_device
+            state = opt.state[p]
+            opt._init_state(p, state, group, sdt, on_device)
+            functional.add_to_buckets(
+                self.buckets,
+                p,
+                grads[i],
+                state["exp_avg"],
+                state.get("exp_avg_sq"),
+                state.get("max_exp_avg_sq"),
+                state["step"],
+                h,
+            )
+            self.index.setdefault(key, []).append(i)
+            self.group_of.setdefault(key, []).append(gi)
+        self.has_grad = [g is not None for g in grads]
+        self.signature = _signature(opt, hypers)
+
+    def fits(self, opt: SMES, hypers: list, grads: list) -> bool:
+        return [g is not None for g in grads] == self.has_grad and _signature(
+            opt, hypers
+        ) == self.signature
+
+    def refresh(self, hypers: list, grads: list) -> None:
+        for g in grads:
+            if g is not None and g.layout is not torch.strided:
+                raise RuntimeError(
+                    f"SMES does not support sparse gradients (got layout {g.layout})"
+                )
+        for key, b in self.buckets.items():
+            b.grads = [grads[i] for i in self.index[key]]
+            b.hypers = [hypers[gi] for gi in self.group_of[key]]

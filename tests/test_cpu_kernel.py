@@ -61,7 +61,7 @@ def oracle_of(row, h: Hyper, grad_scale=None, dtype=torch.float64):
     th, g, m, v, x, step = row
     lr = float(h.lr)
     return oracle.spec_step(
-        th, g, m, v, x, step=int(step.item()), lr=lr, betas=(h.beta1, h.beta2), eps=h.eps,
+        th, g, m, v, x, step=int(step.item()) + 1, lr=lr, betas=(h.beta1, h.beta2), eps=h.eps,
         exponent=h.exponent, weight_decay=h.weight_decay, decoupled_weight_decay=h.decoupled,
         amsgrad=h.amsgrad, maximize=h.maximize, bias_correction=h.bias_correction,
         grad_scale=grad_scale, dtype=dtype,
@@ -163,7 +163,7 @@ def test_grad_scale():
 def test_tensor_lr():
     for p in (0.5, 0.37):
         h_t = hyper(p, lr=torch.tensor(3e-3))
-        h_f = hyper(p, lr=3e-3)
+        h_f = hyper(p, lr=torch.tensor(3e-3).item())  # the same value as the float32 tensor lr
         state = make_state([127, 5], h_t)
         a, b = clone_state(state), clone_state(state)
         apply("cpu", a, [h_t, h_f], torch.float32)
@@ -450,8 +450,14 @@ def test_power_accuracy(monkeypatch, isa):
     for p in (-0.3, -0.08, 0.1, 0.37, 1.0, 0.25, -1.0):
         h = hyper(p, lr=1.0, wd=0.0, eps=1e-30 if p < 0 else 1e-8, betas=(0.5, 0.999))
         # g = 0: m becomes 1, v becomes 0.999 v
-        row = [torch.zeros(n), torch.zeros(n), torch.full((n,), 2.0), v.clone(), None,
-               torch.tensor(1.0)]  # fmt: skip
+        row = [
+            torch.zeros(n),
+            torch.zeros(n),
+            torch.full((n,), 2.0),
+            v.clone(),
+            None,
+            torch.tensor(0.0),
+        ]  # fmt: skip (no steps so far: this is step 1)
         new = clone_state([row])
         apply("cpu", new, [h], torch.float32)
         th64, *_ = oracle_of(row, h)
@@ -475,8 +481,14 @@ def test_special_values_match_reference(monkeypatch, isa):
     for p in (-0.3, -0.08, 0.37, 1.0, -1.0, 0.5, 0.0):
         h = hyper(p, lr=1.0, wd=0.0, eps=1e-30 if p <= 0 else 1e-8, betas=(0.5, 0.999))
         n = v.numel()
-        row = [torch.zeros(n), torch.zeros(n), torch.full((n,), 2.0), v.clone(), None,
-               torch.tensor(1.0)]  # fmt: skip
+        row = [
+            torch.zeros(n),
+            torch.zeros(n),
+            torch.full((n,), 2.0),
+            v.clone(),
+            None,
+            torch.tensor(0.0),
+        ]  # fmt: skip (no steps so far: this is step 1)
         a, b = clone_state([row]), clone_state([row])
         apply("cpu", a, [h], torch.float32)
         apply("reference", b, [h], torch.float32)

@@ -316,3 +316,71 @@ def test_load_state_dict_with_wrong_shapes_is_rejected_whole():
     with pytest.raises(ValueError, match="shape"):
         opt.load_state_dict(sd)
     _assert_unchanged(ps, opt, snap)
+
+
+# ------------------------------------------------------------------ the cached plan
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_buckets_follow_every_change(backend):
+    """SMES.step keeps its buckets between steps: each change below must still take effect,
+    matched step for step by an optimizer that is rebuilt from scratch every time."""
+    ps = _model()
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt = smes_fused.SMES(ps, exponent=0.5, backend=backend)
+
+    def fresh_step(qs, state_dict, seed, **group):
+        o = smes_fused.SMES(qs, exponent=0.5, backend="reference")
+        if state_dict is not None:
+            o.load_state_dict(copy.deepcopy(state_dict))
+        o.param_groups[0].update(group)
+        _grads(qs, seed)
+        o.step()
+        return o.state_dict()
+
+    sd = None
+    for s in range(2):
+        _grads(ps, s)
+        opt.step()
+        sd = fresh_step(qs, sd, s)
+    ckpt = copy.deepcopy(opt.state_dict())
+    params_ckpt = [p.detach().clone() for p in ps]
+
+    opt.param_groups[0]["exponent"] = -0.08  # a new exponent class
+    _grads(ps, 2)
+    opt.step()
+    sd = fresh_step(qs, sd, 2, exponent=-0.08)
+
+    opt.param_groups[0]["lr"] = 5e-3  # a new value (as a scheduler sets it)
+    _grads(ps, 3)
+    opt.step()
+    sd = fresh_step(qs, sd, 3, exponent=-0.08, lr=5e-3)
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+    # load_state_dict into the live optimizer: the next step uses the loaded state
+    opt.load_state_dict(copy.deepcopy(ckpt))
+    with torch.no_grad():
+        for p, q, c in zip(ps, qs, params_ckpt):
+            p.copy_(c)
+            q.copy_(c)
+    _grads(ps, 4)
+    opt.step()
+    sd = fresh_step(qs, ckpt, 4)
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert opt.state[ps[0]]["step"].item() == 3
+
+    # a state reset by hand starts from scratch
+    opt.state.clear()
+    _grads(ps, 5)
+    opt.step()
+    assert opt.state[ps[0]]["step"].item() == 1
+
+    # a new param group joins the buckets
+    extra = torch.randn(6, requires_grad=True)
+    opt.add_param_group({"params": [extra], "exponent": 0.25})
+    _grads(ps + [extra], 6)
+    opt.step()
+    assert opt.state[extra]["step"].item() == 1
+    assert opt.state[ps[0]]["step"].item() == 2

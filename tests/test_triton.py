@@ -87,7 +87,7 @@ def _bucket(states, hypers, step, dtype=torch.float32):
             m.clone().to(DEV),
             v.clone().to(DEV) if h.track_v else None,
             vm.clone().to(DEV) if h.variant.amsgrad else None,
-            torch.tensor(float(step), device=DEV),
+            torch.tensor(float(step - 1), device=DEV),  # steps so far: the backend advances it
             h,
         )
     return b

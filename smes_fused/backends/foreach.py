@@ -114,6 +114,7 @@ class ForeachBackend:
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         if found_inf is not None and found_inf.item() != 0:
             return
+        torch._foreach_add_(bucket.steps, 1)
         groups: dict[int, list[int]] = {}
         hypers: dict[int, Hyper] = {}
         for i, h in enumerate(bucket.hypers):

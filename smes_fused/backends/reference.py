@@ -7,6 +7,7 @@ float64 evaluation in the tests. It favours clarity over speed, and syncs with t
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype
@@ -28,7 +29,7 @@ def smes_tensor(
     h: Hyper,
     grad_scale: Tensor | None = None,
 ) -> None:
-    """One SMES step of one tensor; ``step`` is already incremented for this step."""
+    """One SMES step of one tensor; ``step`` already holds this step's count."""
     cd = compute_dtype(param.dtype)
     theta = param.to(cd)
     g = grad.to(cd)
@@ -85,6 +86,7 @@ class ReferenceBackend:
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         if found_inf is not None and found_inf.item() != 0:
             return
+        torch._foreach_add_(bucket.steps, 1)
         for i in range(len(bucket)):
             smes_tensor(
                 bucket.params[i],

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .._bucket import Bucket, BucketKey
+from .._bucket import Bucket, BucketKey, steps_advanced
 from . import register
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -78,23 +78,21 @@ class TritonBackend:
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         from ..triton_kernels import smes as _k
 
-        for variant, index in bucket.by_variant().items():
-            if len(index) == len(bucket):
-                sub = bucket
-            else:
-                sub = bucket.subset(index)
-            _k.smes_step(
-                sub.params,
-                sub.grads,
-                sub.exp_avgs,
-                sub.exp_avg_sqs,
-                sub.max_exp_avg_sqs,
-                sub.steps,
-                sub.hypers,
-                variant,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-            )
+        with steps_advanced(bucket.steps, found_inf):
+            for variant, index in bucket.by_variant().items():
+                sub = bucket if len(index) == len(bucket) else bucket.subset(index)
+                _k.smes_step(
+                    sub.params,
+                    sub.grads,
+                    sub.exp_avgs,
+                    sub.exp_avg_sqs,
+                    sub.max_exp_avg_sqs,
+                    sub.steps,
+                    sub.hypers,
+                    variant,
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
 
 
 register(TritonBackend())
