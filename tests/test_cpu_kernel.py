@@ -125,22 +125,21 @@ def test_parity_exponents(p, decoupled):
     print(f"p={p} decoupled={decoupled}: worst ratio cpu {r:.3g}, reference {rr:.3g}")
 
 
-@pytest.mark.parametrize("p", [0.5, -0.08, 0.37, 0.0])
-@pytest.mark.parametrize(
-    "opts",
-    [
-        {"amsgrad": True},
-        {"maximize": True},
-        {"bias_correction": False},
-        {"amsgrad": True, "decoupled": False, "maximize": True},
-        {"track_v": True},  # p = 0 with v tracked (exponent schedules)
-        {"wd": 0.0},
-    ],
-    ids=["amsgrad", "maximize", "no_bias_correction", "ams_L2_max", "track_v", "no_wd"],
-)
-def test_parity_options(p, opts):
-    if "track_v" in opts and p != 0:
-        pytest.skip("track_v is implied for p != 0")
+_OPTIONS = {
+    "amsgrad": {"amsgrad": True},
+    "maximize": {"maximize": True},
+    "no_bias_correction": {"bias_correction": False},
+    "ams_L2_max": {"amsgrad": True, "decoupled": False, "maximize": True},
+    "no_wd": {"wd": 0.0},
+}
+# every option at every exponent, plus p = 0 with v tracked (exponent schedules; p != 0 always
+# tracks v, so that option exists only at p = 0)
+_OPTION_CASES = [(p, o) for p in (0.5, -0.08, 0.37, 0.0) for o in _OPTIONS] + [(0.0, "track_v")]
+
+
+@pytest.mark.parametrize("p, opt_name", _OPTION_CASES)
+def test_parity_options(p, opt_name):
+    opts = {"track_v": True} if opt_name == "track_v" else _OPTIONS[opt_name]
     r, rr = check_case([hyper(p, **opts)], SIZES)
     print(f"p={p} {opts}: worst ratio cpu {r:.3g}, reference {rr:.3g}")
 
