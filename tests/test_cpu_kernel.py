@@ -353,7 +353,7 @@ def test_16bit_state(dtype):
 def _op_args(n=3, p=-0.08, tensor_lr=False):
     h = hyper(p, amsgrad=True, lr=torch.tensor(1e-3) if tensor_lr else 1e-3)
     state = make_state([5, 0, 33][:n], h)
-    from smes_fused.backends.cpu import HyperTable
+    from smes_fused.backends.compiled import HyperTable
 
     tab = HyperTable()
     table = tab.update([h] * n)

@@ -83,7 +83,7 @@ def _load_all() -> None:
     _loaded = True
     import importlib
 
-    for mod in ("reference", "foreach", "cpu", "cuda", "triton"):
+    for mod in ("reference", "foreach", "compiled", "triton"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:  # a backend module not written yet

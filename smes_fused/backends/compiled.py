@@ -1,8 +1,10 @@
-"""``"cpu"``: the compiled multi-tensor CPU kernel (csrc/smes_cpu*.cpp).
+"""``"cpu"`` and ``"cuda"``: the compiled multi-tensor kernels of ``smes_fused._C`` (csrc/).
 
-One call of ``torch.ops.smes_fused.smes_step_`` applies the whole bucket, across param groups and
-variants, in one parallel region; the kernel (AVX-512, AVX2 or SSE2, chosen at run time) reads
-each tensor's hyperparameters from a float64 table that is rebuilt only when they change.
+One call of ``torch.ops.smes_fused.smes_step_`` applies a whole bucket, across param groups and
+variants: on CPU in one parallel region (AVX-512, AVX2 or SSE2 kernels chosen at run time), on
+CUDA in one launch per variant present (usually one). Each tensor's hyperparameters come from a
+float64 table that is refilled only when they change. Step counts, ``lr`` tensors,
+``grad_scale`` and ``found_inf`` are read where the tensors live: no host sync on CUDA.
 """
 
 from __future__ import annotations
@@ -92,20 +94,31 @@ class HyperTable:
         return out
 
 
-class CpuBackend:
-    name = "cpu"
-    # The kernel reads step counts on the host; on a CPU bucket that is the parameters' device.
-    steps_on_device = False
+class CompiledBackend:
+    """The op's CPU or CUDA implementation, for buckets of that device type."""
 
-    def __init__(self) -> None:
+    # The op reads and advances the step counts where the params live.
+    steps_on_device = True
+
+    def __init__(self, device_type: str) -> None:
+        self.name = device_type
         self._tables: dict = {}
 
     def unavailable(self) -> str | None:
-        return _ops.unavailable_reason()
+        why = _ops.unavailable_reason()
+        if why is None and self.name == "cuda" and not _ops.has_cuda_kernels():
+            why = (
+                "smes_fused._C was built without its CUDA kernels (it needs a CUDA build of torch "
+                "and nvcc/CUDA_HOME at build time, and SMES_BUILD_CUDA not 0); rebuild with "
+                f"`{_ops.BUILD_COMMAND}`"
+            )
+        return why
 
     def cannot_run(self, key: BucketKey) -> str | None:
-        if key.device.type != "cpu":
-            return f"the cpu backend runs CPU tensors only, not {key.device}"
+        if key.device.type != self.name:
+            return (
+                f"the {self.name} backend runs {self.name.upper()} tensors only, not {key.device}"
+            )
         if key.param_dtype not in _PARAM_DTYPES:
             return f"params of dtype {key.param_dtype} (supported: float32, bfloat16, float16)"
         if key.state_dtype not in (torch.float32, key.param_dtype):
@@ -117,7 +130,7 @@ class CpuBackend:
             return
         tab = self._tables.get(bucket.key)
         if tab is None:
-            tab = self._tables[bucket.key] = HyperTable(bucket.key.device.type)
+            tab = self._tables[bucket.key] = HyperTable(self.name)
         hypers = tab.update(bucket.hypers)
         try:
             _ops.smes_step_(
@@ -133,7 +146,7 @@ class CpuBackend:
                 found_inf,
             )
         except RuntimeError as e:
-            # Strided or mixed layouts the flat kernel cannot walk (checked before any write):
+            # Strided or mixed layouts the flat kernels cannot walk (checked before any write):
             # apply the bucket with the per-tensor reference path instead.
             if "smes_fused: layout" not in str(e):
                 raise
@@ -142,4 +155,5 @@ class CpuBackend:
             ReferenceBackend()(bucket, grad_scale=grad_scale, found_inf=found_inf)
 
 
-register(CpuBackend())
+register(CompiledBackend("cpu"))
+register(CompiledBackend("cuda"))
