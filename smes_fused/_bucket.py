@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import NamedTuple
 
 import torch
@@ -67,10 +66,6 @@ class Hyper:
             self.amsgrad and self.track_v,
             self.maximize,
         )
-
-    def lr_value(self) -> float:
-        """lr as a Python float (host sync if lr is a device tensor)."""
-        return float(self.lr) if isinstance(self.lr, Tensor) else self.lr
 
 
 class BucketKey(NamedTuple):
@@ -143,20 +138,6 @@ def steps_advanced(steps: list[Tensor], found_inf: Tensor | None):
         torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
 
 
-def bias_corrections(h: Hyper, step: float) -> tuple[float, float]:
-    """(bc1, bc2) in float64, both 1 when bias correction is off (SPEC §1)."""
-    if not h.bias_correction:
-        return 1.0, 1.0
-    return 1.0 - h.beta1**step, 1.0 - h.beta2**step
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math dtype: float32 for 16/32-bit storage, float64 for float64 storage."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def is_finite_number(x) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
