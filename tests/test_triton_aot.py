@@ -101,7 +101,11 @@ def _compile(v):
     return v, regs, local, stack, time.time() - t0
 
 
-def test_aot_every_variant_no_spills():
+def test_aot_every_variant_no_spills(monkeypatch):
+    # Workers inherit this process's environment when they are spawned: test_triton.py sets
+    # TRITON_INTERPRET=1 for the whole session, and a worker that starts with it compiles the
+    # interpreter's kernels (removing it in the worker is too late for Triton's knob).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     t0 = time.time()
     variants = list(_variants())
     workers = max(1, min(len(os.sched_getaffinity(0)), 4))
