@@ -128,17 +128,34 @@ class CompiledBackend:
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         if len(bucket) == 0:
             return
-        tab = self._tables.get(bucket.key)
+        # The op takes exp_avg_sqs / max_exp_avg_sqs as a full list or an empty one, never a list
+        # with None in it (torch.compile's functionalization of mutable Tensor?[] arguments fails
+        # on None). A bucket that mixes tensors with and without v (or v_max) is applied in one
+        # call per kind: rare, since it needs groups that differ in p = 0 or amsgrad.
+        has_v = [v is not None for v in bucket.exp_avg_sqs]
+        has_x = [x is not None for x in bucket.max_exp_avg_sqs]
+        kinds = set(zip(has_v, has_x))
+        if len(kinds) == 1:
+            self._apply(bucket, bucket.key, grad_scale, found_inf)
+        else:
+            for kind in sorted(kinds):
+                index = [i for i, k in enumerate(zip(has_v, has_x)) if k == kind]
+                self._apply(bucket.subset(index), (bucket.key, kind), grad_scale, found_inf)
+
+    def _apply(self, bucket: Bucket, table_key, grad_scale, found_inf) -> None:
+        tab = self._tables.get(table_key)
         if tab is None:
-            tab = self._tables[bucket.key] = HyperTable(self.name)
+            tab = self._tables[table_key] = HyperTable(self.name)
         hypers = tab.update(bucket.hypers)
+        v = bucket.exp_avg_sqs if bucket.exp_avg_sqs[0] is not None else []
+        x = bucket.max_exp_avg_sqs if bucket.max_exp_avg_sqs[0] is not None else []
         try:
             _ops.smes_step_(
                 bucket.params,
                 bucket.grads,
                 bucket.exp_avgs,
-                bucket.exp_avg_sqs,
-                bucket.max_exp_avg_sqs,
+                v,
+                x,
                 bucket.steps,
                 hypers,
                 tab.lrs,
