@@ -81,8 +81,8 @@ def check_hyper(
         )
 
 
-def check_grad(param: Tensor, grad: Tensor) -> None:
-    """A gradient the backends can apply to ``param``, or a clear error."""
+def check_param(param: Tensor) -> None:
+    """A parameter SMES can optimize, or a clear error."""
     if param.is_complex():
         raise TypeError(
             "SMES does not support complex parameters; optimize torch.view_as_real(param) "
@@ -90,6 +90,11 @@ def check_grad(param: Tensor, grad: Tensor) -> None:
         )
     if not param.is_floating_point():
         raise TypeError(f"SMES needs floating-point parameters, got {param.dtype}")
+
+
+def check_grad(param: Tensor, grad: Tensor) -> None:
+    """A gradient the backends can apply to ``param``, or a clear error."""
+    check_param(param)
     if grad.is_sparse or grad.layout != torch.strided:
         raise RuntimeError(f"SMES does not support sparse gradients (got layout {grad.layout})")
     if grad.shape != param.shape:
@@ -118,6 +123,15 @@ def make_hyper(
     bias_correction,
     track_second_moment,
 ) -> Hyper:
+    """Validated hyperparameters (see :func:`check_hyper`) as the backends read them."""
+    check_hyper(
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        exponent=exponent,
+        track_second_moment=track_second_moment,
+    )
     return Hyper(
         lr=lr if isinstance(lr, Tensor) else float(lr),
         beta1=float(betas[0]),
@@ -141,9 +155,9 @@ def add_to_buckets(buckets: dict[BucketKey, Bucket], param, grad, m, v, vmax, st
     b.append(param, grad, m, v if h.track_v else None, vmax if h.variant.amsgrad else None, step, h)
 
 
-def resolve(buckets: dict[BucketKey, Bucket], backend: str) -> dict[BucketKey, object]:
-    """The backend of every bucket; raises before anything is touched if one cannot run."""
-    return {key: backends.resolve(backend, key) for key in buckets}
+def resolve(keys, backend: str) -> dict[BucketKey, object]:
+    """The backend of every bucket key; raises before anything is touched if one cannot run."""
+    return {key: backends.resolve(backend, key) for key in keys}
 
 
 def apply(
@@ -204,14 +218,6 @@ def smes(
     track_v = any(v is not None for v in exp_avg_sqs) or n == 0
     if track_v and any(v is None for v in exp_avg_sqs):
         raise ValueError("exp_avg_sqs must be all tensors or all None")
-    check_hyper(
-        lr=lr,
-        betas=(beta1, beta2),
-        eps=eps,
-        weight_decay=weight_decay,
-        exponent=exponent,
-        track_second_moment=track_v,
-    )
     h = make_hyper(
         lr=lr,
         betas=(beta1, beta2),

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, functional
+from . import functional
 from ._bucket import Bucket, BucketKey
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -112,15 +112,12 @@ class SMES(Optimizer):
             group.setdefault(k, v)
         if group["track_second_moment"] is None:
             group["track_second_moment"] = group["exponent"] != 0
-        _check_group(group)
+        _group_hyper(group)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
-            if isinstance(p, Tensor) and p.is_complex():
-                raise TypeError(
-                    "SMES does not support complex parameters; optimize torch.view_as_real(p) "
-                    f"instead (got a {p.dtype} parameter of shape {tuple(p.shape)})"
-                )
+            if isinstance(p, Tensor):
+                functional.check_param(p)
         super().add_param_group(group)
 
     @staticmethod
@@ -198,7 +195,7 @@ class SMES(Optimizer):
                     g[k] = v
             if "track_second_moment" not in saved:
                 g["track_second_moment"] = g["exponent"] != 0 or cur["track_second_moment"]
-            _check_group(g)
+            _group_hyper(g)
             groups.append(g)
 
         # Saved id -> param, as torch's load_state_dict maps them.
@@ -254,22 +251,6 @@ def _wider(a: torch.dtype, b: torch.dtype) -> bool:
     return torch.finfo(a).bits > torch.finfo(b).bits or (a == torch.float32 and b in _SIXTEEN_BIT)
 
 
-def _check_group(group: dict) -> None:
-    functional.check_hyper(
-        lr=group["lr"],
-        betas=group["betas"],
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        exponent=group["exponent"],
-        track_second_moment=group["track_second_moment"],
-    )
-    sd = group["state_dtype"]
-    if not (sd is None or sd == "param" or (isinstance(sd, torch.dtype) and sd.is_floating_point)):
-        raise ValueError(
-            f"Invalid state_dtype: {sd!r}; expected None, 'param' or a floating torch.dtype"
-        )
-
-
 def _check_state(p: Tensor, state: dict) -> None:
     for name in _STATE_KEYS:
         t = state.get(name)
@@ -282,7 +263,11 @@ def _check_state(p: Tensor, state: dict) -> None:
 
 def _group_hyper(group: dict):
     """The validated hyperparameters of one param group, as the backends read them."""
-    _check_group(group)
+    sd = group["state_dtype"]
+    if not (sd is None or sd == "param" or (isinstance(sd, torch.dtype) and sd.is_floating_point)):
+        raise ValueError(
+            f"Invalid state_dtype: {sd!r}; expected None, 'param' or a floating torch.dtype"
+        )
     return functional.make_hyper(
         lr=group["lr"],
         betas=group["betas"],
@@ -342,7 +327,7 @@ class _Plan:
                     todo.append((flat, p, gi, sdt))
                     keys.add(BucketKey(p.device, p.dtype, sdt))
                 flat += 1
-        self.backends = {key: backends.resolve(opt.backend, key) for key in keys}
+        self.backends = functional.resolve(keys, opt.backend)
 
         # Validated: create missing state and fill the buckets.
         self.buckets: dict[BucketKey, Bucket] = {}
