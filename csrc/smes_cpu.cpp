@@ -13,13 +13,11 @@
 #include <vector>
 
 #include "smes_cpu_job.h"
+#include "smes_op_checks.h"
 
 namespace smes {
 namespace cpu {
 namespace {
-
-// Columns of the hyperparameter table (float64, shape [n, kHyperCols], on the CPU).
-enum HyperCol { kLr = 0, kBeta1, kBeta2, kEps, kExponent, kWeightDecay, kFlags, kHyperCols };
 
 // The widest instruction set this CPU runs, or the one SMES_CPU_ISA names (avx512, avx2, base),
 // capped at what the CPU supports.
@@ -39,15 +37,6 @@ const Kernels& pick_kernels() {
   return can512 ? k512 : (can2 ? k2 : kb);
 }
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return F32;
-    case at::kBFloat16: return BF16;
-    case at::kHalf: return F16;
-    default: return -1;
-  }
-}
-
 // Grain of the parallel split: below this many elements per thread, fewer threads.
 constexpr int64_t kGrain = 32768;
 
@@ -64,16 +53,6 @@ double scalar_value(const at::Tensor& t) {
 thread_local std::vector<TensorJob> t_jobs;
 thread_local std::vector<int64_t> t_starts;
 thread_local std::vector<double> t_steps;
-
-// Same layout as `ref` (dense, non-overlapping, same strides) so both can be walked as flat arrays.
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* what, int64_t i) {
-  TORCH_CHECK(t.device() == ref.device(), "smes_fused: ", what, "[", i, "] is on ", t.device(),
-              " but its param is on ", ref.device());
-  TORCH_CHECK(t.sizes() == ref.sizes(), "smes_fused: ", what, "[", i, "] has shape ", t.sizes(),
-              " but its param has shape ", ref.sizes());
-  TORCH_CHECK(t.strides() == ref.strides(), "smes_fused: layout: ", what, "[", i,
-              "] has strides ", t.strides(), " but its param has strides ", ref.strides());
-}
 
 void run(const Kernels& k, bool roofline, int64_t total) {
   const RangeFn fn = roofline ? k.roofline : k.step;
@@ -95,20 +74,7 @@ void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
   const int64_t n = (int64_t)params.size();
-  TORCH_CHECK(grads.size() == (size_t)n && exp_avgs.size() == (size_t)n &&
-                  steps.size() == (size_t)n,
-              "smes_fused: params, grads, exp_avgs and steps must have the same length");
-  TORCH_CHECK(exp_avg_sqs.size() == 0 || exp_avg_sqs.size() == (size_t)n,
-              "smes_fused: exp_avg_sqs must be empty or as long as params");
-  TORCH_CHECK(max_exp_avg_sqs.size() == 0 || max_exp_avg_sqs.size() == (size_t)n,
-              "smes_fused: max_exp_avg_sqs must be empty or as long as params");
-  TORCH_CHECK(lrs.size() == 0 || lrs.size() == (size_t)n,
-              "smes_fused: lrs must be empty or as long as params");
-  TORCH_CHECK(hypers.device().is_cpu() && hypers.scalar_type() == at::kDouble &&
-                  hypers.dim() == 2 && hypers.size(0) == n && hypers.size(1) == kHyperCols &&
-                  hypers.is_contiguous(),
-              "smes_fused: hypers must be a contiguous float64 CPU tensor of shape [", n, ", ",
-              (int)kHyperCols, "]");
+  check_step_args(n, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hypers, lrs);
   if (found_inf.has_value() && scalar_value(*found_inf) != 0.0) return;  // nothing changes
   float inv_scale = 1.f;
   if (grad_scale.has_value()) inv_scale = 1.f / (float)scalar_value(*grad_scale);

@@ -9,9 +9,6 @@
 namespace smes {
 namespace cpu {
 
-// Storage dtype codes.
-enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
-
 struct TensorJob {
   void* p;           // param (P)
   const void* g;     // grad (P)

@@ -3,10 +3,10 @@
 #pragma once
 #include <cstdint>
 
+#include "smes_math.h"
+
 namespace smes {
 namespace cuda {
-
-enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 // One tensor of a launch. Hyperparameters are per tensor (param groups never split a launch);
 // step and (optionally) lr are read on the device, so the launch is capturable.

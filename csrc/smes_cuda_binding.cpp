@@ -10,28 +10,11 @@
 
 #include "smes_cuda.h"
 #include "smes_math.h"
+#include "smes_op_checks.h"
 
 namespace smes {
 namespace cuda {
 namespace {
-
-enum HyperCol { kLr = 0, kBeta1, kBeta2, kEps, kExponent, kWeightDecay, kFlags, kHyperCols };
-
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return F32;
-    case at::kBFloat16: return BF16;
-    case at::kHalf: return F16;
-    default: return -1;
-  }
-}
-
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* what, int64_t i) {
-  TORCH_CHECK(t.device() == ref.device(), "smes_fused: ", what, "[", i, "] is on ", t.device(),
-              " but its param is on ", ref.device());
-  TORCH_CHECK(t.sizes() == ref.sizes() && t.strides() == ref.strides(), "smes_fused: layout: ",
-              what, "[", i, "] has a different shape or strides than its param");
-}
 
 thread_local std::vector<TensorArgs> t_args;
 thread_local std::vector<int> t_codes;
@@ -49,13 +32,7 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& found_inf) {
   const int64_t n = (int64_t)params.size();
   if (n == 0) return;
-  TORCH_CHECK(grads.size() == (size_t)n && exp_avgs.size() == (size_t)n &&
-                  steps.size() == (size_t)n,
-              "smes_fused: params, grads, exp_avgs and steps must have the same length");
-  TORCH_CHECK(hypers.device().is_cpu() && hypers.scalar_type() == at::kDouble &&
-                  hypers.dim() == 2 && hypers.size(0) == n && hypers.size(1) == kHyperCols &&
-                  hypers.is_contiguous(),
-              "smes_fused: hypers must be a contiguous float64 CPU tensor of shape [n, 7]");
+  check_step_args(n, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hypers, lrs);
   const at::Device dev = params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
   const int pdt = dtype_code(params[0].scalar_type());

@@ -19,6 +19,9 @@
 
 namespace smes {
 
+// Storage dtype codes of params and state.
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
 // Exponent classes: the only values of p that are compile-time variants (SPEC §3).
 enum PClass : int { P_ZERO = 0, P_HALF = 1, P_GENERAL = 2 };
 
