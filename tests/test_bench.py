@@ -66,3 +66,15 @@ def test_quick_run_writes_table_csv_and_plot(tmp_path, device):
                 assert want is None or int(r["bytes_per_param"]) == want
             fused = next(r for r in cell if r["competitor"] == REFERENCE)
             assert float(fused["speedup_vs_fused_adamw"]) == 1.0
+
+
+def test_compute_floor_runs(capsys):
+    from smes_fused import _ops
+
+    if not _ops.HAVE_C:
+        pytest.skip(f"compiled extension missing: {_ops.unavailable_reason()}")
+    from bench import compute_floor
+
+    compute_floor.main(["--elements", "2048", "--repeats", "2", "--exponents", "0.5", "0.37"])
+    out = capsys.readouterr().out
+    assert "p = 0.5:" in out and "p = 0.37:" in out and "ns/element" in out
