@@ -4,9 +4,9 @@
 // wider ISA can be picked by the linker for a narrower one.
 //
 // Values are GCC vectors of SMES_W floats; `smes_update` (smes_math.h) is the element rule.
-// (v/bc2)^p is our own vectorised 2^(p log2 v - p log2 bc2) (pow_hat below): relative error
-// below 1e-6 over the whole float range (test_power_accuracy), with v = 0, denormals, inf and
-// NaN handled as SPEC §1 requires.
+// (v/bc2)^p is our own vectorised 2^(p log2 v - p log2 bc2) (pow_hat below): relative error of
+// the update below 1.5e-6 for |p| <= 1 over the whole normal float range (test_power_accuracy),
+// with v = 0, denormals, inf and NaN handled as SPEC §1 requires.
 
 #ifndef SMES_W
 #error "define SMES_W before including smes_cpu_kernel.h"
@@ -42,47 +42,75 @@ struct VecMath {
   SMES_CPU_INLINE V max_nan(V a, V b) { return (a < b || b != b) ? b : a; }
 
 #if SMES_W == 16
-  // AVX-512: getexp/getmant split any input (denormals, 0, inf, NaN included) and scalef scales
-  // with correct overflow and underflow, so neither function needs special-case code.
-  // log2 x = e + l: e integral (exact, -inf at 0), l = log2(mant) with mant in [0.75, 1.5).
+  // AVX-512: getexp/getmant split any input (denormals, 0, inf, NaN included), scalef scales with
+  // correct overflow and underflow, and two 32-entry tables (vpermt2ps) shorten both polynomials.
+  // The FMA pipes are the bottleneck here, so table lookups (shuffle pipe) replace FMAs.
+  //
+  // Tables, for k = 0..31 (python: c = 1 + (k + .5) / 32; kRcp[k] = float32(1 / c);
+  // kLog[k] = float32(-log2(kRcp[k])); kExp[k] = float32(2 ** (k / 32))):
+  alignas(64) static constexpr float kRcp[32] = {
+      0.98461538553f, 0.95522385836f, 0.92753624916f, 0.90140843391f, 0.87671232224f,
+      0.85333335400f, 0.83116883039f, 0.81012660265f, 0.79012346268f, 0.77108430862f,
+      0.75294119120f, 0.73563218117f, 0.71910113096f, 0.70329672098f, 0.68817204237f,
+      0.67368423939f, 0.65979379416f, 0.64646464586f, 0.63366335630f, 0.62135922909f,
+      0.60952383280f, 0.59813082218f, 0.58715593815f, 0.57657659054f, 0.56637167931f,
+      0.55652171373f, 0.54700857401f, 0.53781515360f, 0.52892559767f, 0.52032518387f,
+      0.51200002432f, 0.50393700600f};
+  alignas(64) static constexpr float kLog[32] = {
+      0.02236781083f, 0.06608922035f, 0.10852442682f, 0.14974714816f, 0.18982456625f,
+      0.22881865501f, 0.26678654552f, 0.30378070474f, 0.33984997869f, 0.37503948808f,
+      0.40939089656f, 0.44294351339f, 0.47573342919f, 0.50779461861f, 0.53915882111f,
+      0.56985557079f, 0.59991288185f, 0.62935662270f, 0.65821152925f, 0.68650048971f,
+      0.71424543858f, 0.74146705866f, 0.76818436384f, 0.79441583157f, 0.82017898560f,
+      0.84549009800f, 0.87036466599f, 0.89481770992f, 0.91886329651f, 0.94251453877f,
+      0.96578419209f, 0.98868471384f};
+  alignas(64) static constexpr float kExp[32] = {
+      1.0f,           1.02189719677f, 1.04427373409f, 1.06714046001f, 1.09050774574f,
+      1.11438679695f, 1.13878858089f, 1.16372489929f, 1.18920707703f, 1.21524739265f,
+      1.24185776710f, 1.26905095577f, 1.29683959484f, 1.32523667812f, 1.35425555706f,
+      1.38390994072f, 1.41421353817f, 1.44518077373f, 1.47682619095f, 1.50916445255f,
+      1.54221081734f, 1.57598090172f, 1.61049032211f, 1.64575552940f, 1.68179285526f,
+      1.71861934662f, 1.75625216961f, 1.79470908642f, 1.83400809765f, 1.87416768074f,
+      1.91520655155f, 1.95714414120f};
+  SMES_CPU_INLINE __m512 lookup(const float* t, __m512i k) {  // t[k & 31]
+    return _mm512_permutex2var_ps(_mm512_load_ps(t), k, _mm512_load_ps(t + 16));
+  }
+  // vfixupimmps tables: NaN -> +0 (class QNaN, response 8), and +-inf -> +0 (classes 4 and 5);
+  // every other class keeps its value (response 0).
+  SMES_CPU_INLINE __m512 nan_to_zero(__m512 x) {
+    return _mm512_fixupimm_ps(x, x, _mm512_set1_epi32(0x00000008), 0);
+  }
+  SMES_CPU_INLINE __m512 inf_to_zero(__m512 x) {
+    return _mm512_fixupimm_ps(x, x, _mm512_set1_epi32(0x00880000), 0);
+  }
+  // log2 x = e + l: e = floor(log2 x) (exact; -inf at 0, inf at inf), l = log2(mant) with mant in
+  // [1, 2): l = kLog[k] + log2(1 + f), f = mant * kRcp[k] - 1 (|f| < 0.0154, one rounding) for
+  // k the top 5 mantissa bits. log2(1 + f) = f (c1 + c2 f): absolute error 4.4e-7.
   SMES_CPU_INLINE void log2_split(V x, V& e_out, V& l_out) {
-    const __m512 mant = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_zero);
-    __m512 e = _mm512_getexp_ps(x);  // floor(log2 x); -inf at 0, inf at inf
-    e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(mant, splat(1.0f), _CMP_LT_OQ), e, splat(1.0f));
-    const V f = (V)mant - 1.0f;  // [-0.25, 0.5), exact
-    // s = f / (2 + f) by rcp14 and one Newton step (relative error ~1e-7, no vdivps)
-    const __m512 d = splat(2.0f) + f;
-    const __m512 r0 = _mm512_rcp14_ps(d);
-    const V r = (V)r0 * (V)_mm512_fnmadd_ps(d, r0, splat(2.0f));
-    const V s = f * r;  // |s| <= 0.2
-    const V z = s * s;  // <= 0.04
-    // log2(1+f) = 2 log2(e) atanh(s) = s Q(z): Q fitted on [0, 0.04], relative error 7e-9
-    V q = splat(0.43643745f);
-    q = q * z + 0.57653243f;
-    q = q * z + 0.96180052f;
-    q = q * z + 2.88539008f;
-    e_out = (V)e;
-    l_out = s * q;
+    const __m512 mant = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+    const __m512i k = _mm512_srli_epi32(_mm512_castps_si512(mant), 18);  // bits 4..0 used
+    const V f = _mm512_fmsub_ps(mant, lookup(kRcp, k), splat(1.0f));
+    const V q = f * -0.7214267f + 1.4427804f;
+    e_out = (V)_mm512_getexp_ps(x);
+    l_out = f * q + (V)lookup(kLog, k);
   }
   SMES_CPU_INLINE V quot(V m, V d) { return m / d; }
-  // 2^(hi + lo) for |lo| small against the rounding of hi + lo: n = round(hi + lo) and the
-  // fraction f = (hi - n) + lo (hi - n is exact), so the sum is never rounded to float.
-  // No clamps: scalef gives inf/0 for any n out of range, and +-inf for n = +-inf (v = 0 or
-  // inf, where f is NaN: vmaxps/vminps replace a NaN first operand by the second); a NaN v
-  // makes n NaN, which scalef propagates.
+  // 2^(hi + lo) for |lo| small against the rounding of hi + lo: r = hi + lo rounded to a multiple
+  // of 1/32, the fraction f = (hi - r) + lo (hi - r is exact), so the sum is never rounded to
+  // float; 2^(hi + lo) = 2^floor(r) * kExp[32 r mod 32] * 2^f, |f| <= 1/64, 2^f = 1 + f (c1 + c2 f)
+  // (relative error 5.5e-8). No clamps: scalef gives inf/0 for any r out of range, and +-inf for
+  // r = +-inf (v = 0 or inf, where f is NaN and set to 0); a NaN v makes r NaN, which scalef
+  // propagates.
   SMES_CPU_INLINE V exp2_2(V hi, V lo) {
-    const __m512 n = _mm512_roundscale_ps(hi + lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = (hi - (V)n) + lo;  // about [-0.5, 0.5]
-    f = _mm512_min_ps(_mm512_max_ps(f, splat(-1.0f)), splat(1.0f));
-    const V fv = f;
-    // 2^f on [-0.5, 0.5]: degree 5 fitted for relative error, 8e-8
-    V p = splat(1.3266970e-03f);
-    p = p * fv + 9.6754597e-03f;
-    p = p * fv + 5.5507426e-02f;
-    p = p * fv + 2.4022122e-01f;
-    p = p * fv + 6.9314695e-01f;
-    p = p * fv + 1.0000001f;
-    return _mm512_scalef_ps(p, n);
+    const __m512 r = _mm512_roundscale_ps(hi + lo, (5 << 4) | _MM_FROUND_TO_NEAREST_INT |
+                                                       _MM_FROUND_NO_EXC);
+    const V f = nan_to_zero((hi - (V)r) + lo);
+    // r + 1.5 * 2^18 has an ulp of 1/32: its low 5 bits are 32 r mod 32 (for |r| < 2^17; beyond,
+    // scalef saturates whatever the table gives)
+    const __m512i k = _mm512_castps_si512(_mm512_add_ps(r, splat(393216.0f)));
+    const V t = lookup(kExp, k);
+    const V q = f * 0.24022706f + 0.69315755f;
+    return _mm512_scalef_ps((t * f) * q + t, r);
   }
 #else
   // log2 x = e + l: e integral (exact; -inf at 0, x itself at inf/NaN), l = log2(mant), mant in
@@ -148,9 +176,8 @@ struct VecMath {
     log2_split(v, e, l);
     const V hi = s.p_hi * e;
 #if SMES_W == 16
-    // e = +-inf (v = 0 or inf) is carried by hi alone; lo stays finite (NaN e becomes 0 here
-    // and still propagates through hi)
-    const V ec = _mm512_min_ps(_mm512_max_ps(e, splat(-200.0f)), splat(200.0f));
+    // e = +-inf (v = 0 or inf) is carried by hi alone; lo stays finite
+    const V ec = inf_to_zero(e);
 #else
     const V ec = e;  // exp2_2 checks hi for +-inf itself
 #endif
