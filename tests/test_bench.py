@@ -78,3 +78,26 @@ def test_compute_floor_runs(capsys):
     compute_floor.main(["--elements", "2048", "--repeats", "2", "--exponents", "0.5", "0.37"])
     out = capsys.readouterr().out
     assert "p = 0.5:" in out and "p = 0.37:" in out and "ns/element" in out
+
+
+def test_summary_table_from_csv_rows():
+    from bench import summary
+
+    def row(s, e, comp, x, ms, roof):
+        return {"shape_set": s, "n_params": "16000000", "n_tensors": "2", "exponent": e,
+                "competitor": comp, "speedup_vs_fused_adamw": x, "ms_per_step": ms,
+                "pct_of_roofline": roof}  # fmt: skip
+
+    rows = [
+        row("large", "0.5", "AdamW fused", "1", "6.0", "90"),
+        row("large", "0.5", "SMES cpu", "1.2", "5.0", "99"),
+        row("large", "-0.08", "AdamW fused", "1", "6.0", "90"),
+        row("large", "-0.08", "SMES cpu", "0.8", "7.5", "70"),
+    ]
+    md = summary.markdown(rows).splitlines()
+    assert md[0] == "| shape set | params / tensors | p = 0.5 | p = -0.08 |"
+    assert md[2] == (
+        "| large | 16.0M / 2 | 1.20× (5.0 vs 6.0 ms, 99%) | **0.80×** (7.5 vs 6.0 ms, 70%) |"
+    )
+    with pytest.raises(SystemExit, match="no 'SMES cuda' rows"):
+        summary.markdown(rows, "cuda")
