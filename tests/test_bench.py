@@ -93,11 +93,14 @@ def test_summary_table_from_csv_rows():
         row("large", "0.5", "SMES cpu", "1.2", "5.0", "99"),
         row("large", "-0.08", "AdamW fused", "1", "6.0", "90"),
         row("large", "-0.08", "SMES cpu", "0.8", "7.5", "70"),
+        row("large", "0.37", "AdamW fused", "1", "6.0", "90"),
+        row("large", "0.37", "SMES cpu", "0.996", "6.0", "99"),
     ]
     md = summary.markdown(rows).splitlines()
-    assert md[0] == "| shape set | params / tensors | p = 0.5 | p = -0.08 |"
+    assert md[0] == "| shape set | params / tensors | p = 0.5 | p = -0.08 | p = 0.37 |"
     assert md[2] == (
-        "| large | 16.0M / 2 | 1.20× (5.0 vs 6.0 ms, 99%) | **0.80×** (7.5 vs 6.0 ms, 70%) |"
+        "| large | 16.0M / 2 | 1.20× (5.0 vs 6.0 ms, 99%) | **0.80×** (7.5 vs 6.0 ms, 70%) | "
+        "1.00× (6.0 vs 6.0 ms, 99%) |"
     )
     with pytest.raises(SystemExit, match="no 'SMES cuda' rows"):
         summary.markdown(rows, "cuda")
