@@ -493,3 +493,27 @@ def test_special_values_match_reference(monkeypatch, isa):
         apply("reference", b, [h], torch.float32)
         torch.testing.assert_close(a[0][0], b[0][0], rtol=1e-5, atol=1e-30, equal_nan=True)
     monkeypatch.delenv("SMES_CPU_ISA")
+
+
+def test_avx512_power_tables_match_their_definition():
+    """The three 32-entry tables of the AVX-512 power function are the float32 values their
+    comment in csrc/smes_cpu_kernel.h defines (a mistyped entry would only show as a small error
+    for one mantissa range)."""
+    import os
+    import re
+
+    import numpy as np
+
+    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "smes_cpu_kernel.h")
+    src = open(path).read()
+
+    def table(name):
+        body = re.search(rf"float {name}\[32\] = \{{([^}}]*)\}}", src).group(1)
+        return np.array([float(x.strip().rstrip("f")) for x in body.split(",")], np.float32)
+
+    k = np.arange(32)
+    rcp = (1 / (1 + (k + 0.5) / 32)).astype(np.float32)
+    np.testing.assert_array_equal(table("kRcp"), rcp)
+    log = -np.log2(rcp.astype(np.float64))
+    np.testing.assert_array_equal(table("kLog"), log.astype(np.float32))
+    np.testing.assert_array_equal(table("kExp"), (2.0 ** (k / 32)).astype(np.float32))
