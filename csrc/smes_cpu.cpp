@@ -5,6 +5,9 @@
 //   smes_fused::roofline_   the optimizer's memory pattern with trivial math (benchmark roofline).
 #include <Python.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -64,27 +67,60 @@ void run(const Kernels& k, bool roofline, int64_t total) {
   at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) { fn(jobs, starts, n, b, e); });
 }
 
-}  // namespace
+// One list argument as the kernels read it: entry i is a tensor, or an undefined tensor where the
+// caller passed None; an empty list has size 0. It points at tensors the caller keeps alive.
+class Seq {
+ public:
+  size_t size() const { return ptrs_.size(); }
+  const at::Tensor& operator[](size_t i) const { return *ptrs_[i]; }
 
-void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   const c10::List<std::optional<at::Tensor>>& exp_avg_sqs,
-                   const c10::List<std::optional<at::Tensor>>& max_exp_avg_sqs,
-                   at::TensorList steps, const at::Tensor& hypers,
-                   const c10::List<std::optional<at::Tensor>>& lrs,
-                   const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+  // From the op's arguments.
+  const Seq& of(at::TensorList l) {
+    ptrs_.resize(l.size());
+    for (size_t i = 0; i < l.size(); ++i) ptrs_[i] = &l[i];
+    return *this;
+  }
+  const Seq& of(const c10::List<std::optional<at::Tensor>>& l) {
+    held_.resize(l.size());
+    ptrs_.resize(l.size());
+    for (size_t i = 0; i < l.size(); ++i) {
+      std::optional<at::Tensor> t = l.get(i);
+      held_[i] = t.has_value() ? std::move(*t) : at::Tensor();
+      ptrs_[i] = &held_[i];
+    }
+    return *this;
+  }
+  // Drops the tensors of(c10::List) copied (so that a finished call keeps nothing alive).
+  void release() { held_.clear(); }
+  // From a Python tuple of plain tensors or None (see direct()); false if an entry is anything
+  // else (a tensor subclass, a tensor the dispatcher must see).
+  bool of_python(PyObject* tuple, bool none_ok);
+
+ private:
+  std::vector<const at::Tensor*> ptrs_;
+  std::vector<at::Tensor> held_;
+};
+
+// Reused between calls (no allocation per step once the capacity is reached).
+enum { kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxExpAvgSqs, kSteps, kLrs, kNumSeqs };
+thread_local Seq t_seqs[kNumSeqs];
+
+// SPEC §1 for one bucket: everything is validated before anything is written (SPEC §5).
+void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const Seq& exp_avg_sqs,
+                 const Seq& max_exp_avg_sqs, const Seq& steps, const at::Tensor& hypers,
+                 const Seq& lrs, const at::Tensor* grad_scale, const at::Tensor* found_inf) {
   const int64_t n = (int64_t)params.size();
-  check_step_args(n, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hypers, lrs);
-  if (found_inf.has_value() && scalar_value(*found_inf) != 0.0) return;  // nothing changes
+  check_step_args(n, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), max_exp_avg_sqs.size(),
+                  steps.size(), hypers, lrs.size());
+  if (found_inf != nullptr && scalar_value(*found_inf) != 0.0) return;  // nothing changes
   float inv_scale = 1.f;
-  if (grad_scale.has_value()) inv_scale = 1.f / (float)scalar_value(*grad_scale);
+  if (grad_scale != nullptr) inv_scale = 1.f / (float)scalar_value(*grad_scale);
 
   const double* hy = hypers.data_ptr<double>();
   t_jobs.resize(n);
   t_starts.resize(n + 1);
   t_steps.resize(n);
   int64_t total = 0;
-  // Validate everything before anything is mutated (SPEC §5).
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const double* h = hy + i * kHyperCols;
@@ -111,18 +147,18 @@ void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     j.v = nullptr;
     j.vmax = nullptr;
     if (code & kTrackV) {
-      TORCH_CHECK(exp_avg_sqs.size() == (size_t)n && exp_avg_sqs.get(i).has_value(),
+      TORCH_CHECK(exp_avg_sqs.size() == (size_t)n && exp_avg_sqs[i].defined(),
                   "smes_fused: tensor ", i, " tracks v but exp_avg_sqs[", i, "] is missing");
-      const at::Tensor v = *exp_avg_sqs.get(i);
+      const at::Tensor& v = exp_avg_sqs[i];
       check_like(v, p, "exp_avg_sqs", i);
       TORCH_CHECK(v.scalar_type() == m.scalar_type(), "smes_fused: exp_avg_sqs[", i,
                   "] has dtype ", v.scalar_type(), " but exp_avgs[", i, "] has ", m.scalar_type());
       j.v = v.data_ptr();
       if (code & kAmsgrad) {
-        TORCH_CHECK(max_exp_avg_sqs.size() == (size_t)n && max_exp_avg_sqs.get(i).has_value(),
+        TORCH_CHECK(max_exp_avg_sqs.size() == (size_t)n && max_exp_avg_sqs[i].defined(),
                     "smes_fused: tensor ", i, " uses amsgrad but max_exp_avg_sqs[", i,
                     "] is missing");
-        const at::Tensor x = *max_exp_avg_sqs.get(i);
+        const at::Tensor& x = max_exp_avg_sqs[i];
         check_like(x, p, "max_exp_avg_sqs", i);
         TORCH_CHECK(x.scalar_type() == m.scalar_type(), "smes_fused: max_exp_avg_sqs[", i,
                     "] has dtype ", x.scalar_type(), " but exp_avgs[", i, "] has ",
@@ -140,10 +176,7 @@ void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     const double step = scalar_value(st) + 1.0;  // this step's count
     t_steps[i] = step;
     double lr = h[kLr];
-    if (lrs.size() != 0) {
-      const std::optional<at::Tensor> l = lrs.get(i);
-      if (l.has_value()) lr = scalar_value(*l);
-    }
+    if (lrs.size() != 0 && lrs[i].defined()) lr = scalar_value(lrs[i]);
     j.numel = p.numel();
     j.code = code;
     j.pdt = pdt;
@@ -168,8 +201,8 @@ void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   run(pick_kernels(), false, total);
 }
 
-void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                  at::TensorList exp_avg_sqs) {
+void roofline_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs,
+                     const Seq& exp_avg_sqs) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
               "smes_fused: roofline_ lists must have the same length");
@@ -178,13 +211,15 @@ void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
+    TORCH_CHECK(p.defined() && p.device().is_cpu() && p.scalar_type() == at::kFloat &&
+                    p.is_contiguous(),
                 "smes_fused: roofline_ takes contiguous float32 CPU tensors");
+    for (const at::Tensor* t : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]})
+      TORCH_CHECK(t->defined() && t->scalar_type() == at::kFloat,
+                  "smes_fused: roofline_ takes float32 tensors");
     check_like(grads[i], p, "grads", (int64_t)i);
     check_like(exp_avgs[i], p, "exp_avgs", (int64_t)i);
     check_like(exp_avg_sqs[i], p, "exp_avg_sqs", (int64_t)i);
-    for (const at::Tensor* t : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]})
-      TORCH_CHECK(t->scalar_type() == at::kFloat, "smes_fused: roofline_ takes float32 tensors");
     TensorJob& j = t_jobs[i];
     j = TensorJob{};
     j.p = p.data_ptr();
@@ -200,6 +235,153 @@ void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList ex
   run(pick_kernels(), true, total);
 }
 
+// ------------------------------------------------------------------ the registered ops
+
+void smes_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   const c10::List<std::optional<at::Tensor>>& exp_avg_sqs,
+                   const c10::List<std::optional<at::Tensor>>& max_exp_avg_sqs,
+                   at::TensorList steps, const at::Tensor& hypers,
+                   const c10::List<std::optional<at::Tensor>>& lrs,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  Seq* s = t_seqs;
+  struct Release {
+    Seq* s;
+    ~Release() {
+      for (int k : {kExpAvgSqs, kMaxExpAvgSqs, kLrs}) s[k].release();
+    }
+  } release{s};
+  step_bucket(s[kParams].of(params), s[kGrads].of(grads), s[kExpAvgs].of(exp_avgs),
+              s[kExpAvgSqs].of(exp_avg_sqs), s[kMaxExpAvgSqs].of(max_exp_avg_sqs),
+              s[kSteps].of(steps), hypers, s[kLrs].of(lrs),
+              grad_scale.has_value() ? &*grad_scale : nullptr,
+              found_inf.has_value() ? &*found_inf : nullptr);
+}
+
+void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs) {
+  Seq* s = t_seqs;
+  roofline_bucket(s[kParams].of(params), s[kGrads].of(grads), s[kExpAvgs].of(exp_avgs),
+                  s[kExpAvgSqs].of(exp_avg_sqs));
+}
+
+// ------------------------------------------------------------------ the direct eager entry
+//
+// torch.ops converts every list entry to an IValue against the schema (~120 ns per entry: with
+// five lists of 2000 tensors, more than a millisecond per step, 10% of a memory-bound step).
+// _C.step_direct / _C.roofline_direct take the same arguments as the ops and run the same
+// step_bucket / roofline_bucket, reading the tensors straight from their Python objects. They
+// return NotImplemented, having done nothing, whenever the dispatcher has work to do: a tensor
+// subclass or wrapper (FakeTensor, FunctionalTensor, DTensor), an active TorchDispatchMode, a
+// non-CPU param. smes_fused/_ops.py then calls the op instead (and always does while
+// torch.compile traces).
+
+const at::Tensor kNone;
+
+bool plain(const at::Tensor& t) {
+  static const c10::DispatchKeySet kSpecial({c10::DispatchKey::Python,
+                                            c10::DispatchKey::PythonTLSSnapshot,
+                                            c10::DispatchKey::Functionalize,
+                                            c10::DispatchKey::Conjugate,
+                                            c10::DispatchKey::Negative});
+  return (t.key_set() & kSpecial).empty();
+}
+
+bool Seq::of_python(PyObject* tuple, bool none_ok) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+  ptrs_.resize((size_t)n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* o = PyTuple_GET_ITEM(tuple, i);
+    if (o == Py_None && none_ok) {
+      ptrs_[i] = &kNone;
+      continue;
+    }
+    if (!THPVariable_CheckExact(o)) return false;
+    const at::Tensor& t = THPVariable_Unpack(o);
+    if (!plain(t)) return false;
+    ptrs_[i] = &t;
+  }
+  return true;
+}
+
+// A Python object as an optional tensor argument: nullptr for None; false if it is neither.
+bool optional_tensor(PyObject* o, const at::Tensor** out) {
+  if (o == Py_None) {
+    *out = nullptr;
+    return true;
+  }
+  if (!THPVariable_CheckExact(o) || !plain(THPVariable_Unpack(o))) return false;
+  *out = &THPVariable_Unpack(o);
+  return true;
+}
+
+// Tuples owning every list entry for the duration of a direct call (the GIL is released while
+// it runs, and a caller's list may change meanwhile).
+struct TupleArgs {
+  std::vector<PyObject*> items;
+  ~TupleArgs() {
+    for (PyObject* o : items) Py_XDECREF(o);
+  }
+  // nullptr (with a Python error set) if `seq` is not a sequence.
+  PyObject* add(PyObject* seq) {
+    PyObject* t = PySequence_Tuple(seq);
+    items.push_back(t);
+    return t;
+  }
+};
+
+PyObject* step_direct(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *l[7], *hy, *gs, *fi;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOO:step_direct", &l[kParams], &l[kGrads], &l[kExpAvgs],
+                        &l[kExpAvgSqs], &l[kMaxExpAvgSqs], &l[kSteps], &hy, &l[kLrs], &gs, &fi))
+    return nullptr;
+  if (c10::impl::dispatch_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  TupleArgs owned;
+  Seq* s = t_seqs;
+  for (int k = 0; k < kNumSeqs; ++k) {
+    PyObject* t = owned.add(l[k]);
+    if (t == nullptr) return nullptr;
+    const bool none_ok = k == kExpAvgSqs || k == kMaxExpAvgSqs || k == kLrs;
+    if (!s[k].of_python(t, none_ok)) Py_RETURN_NOTIMPLEMENTED;
+  }
+  const at::Tensor *hypers, *grad_scale, *found_inf;
+  if (!optional_tensor(hy, &hypers) || hypers == nullptr || !optional_tensor(gs, &grad_scale) ||
+      !optional_tensor(fi, &found_inf))
+    Py_RETURN_NOTIMPLEMENTED;
+  if (s[kParams].size() != 0 && !(s[kParams][0].defined() && s[kParams][0].device().is_cpu()))
+    Py_RETURN_NOTIMPLEMENTED;
+  {
+    pybind11::gil_scoped_release no_gil;
+    step_bucket(s[kParams], s[kGrads], s[kExpAvgs], s[kExpAvgSqs], s[kMaxExpAvgSqs], s[kSteps],
+                *hypers, s[kLrs], grad_scale, found_inf);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* roofline_direct(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* l[4];
+  if (!PyArg_ParseTuple(args, "OOOO:roofline_direct", &l[0], &l[1], &l[2], &l[3]))
+    return nullptr;
+  if (c10::impl::dispatch_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  TupleArgs owned;
+  Seq* s = t_seqs;
+  for (int k = 0; k < 4; ++k) {
+    PyObject* t = owned.add(l[k]);
+    if (t == nullptr) return nullptr;
+    if (!s[k].of_python(t, false)) Py_RETURN_NOTIMPLEMENTED;
+  }
+  {
+    pybind11::gil_scoped_release no_gil;
+    roofline_bucket(s[0], s[1], s[2], s[3]);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace
 }  // namespace cpu
 }  // namespace smes
 
@@ -233,6 +415,10 @@ static PyObject* smes_has_cuda(PyObject*, PyObject*) {
 static PyMethodDef smes_methods[] = {
     {"cpu_isa", smes_cpu_isa, METH_NOARGS, "The CPU kernel set in use: avx512, avx2 or base."},
     {"has_cuda", smes_has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"step_direct", smes::cpu::step_direct, METH_VARARGS,
+     "smes_step_ on plain CPU tensors without the dispatcher; NotImplemented when it cannot."},
+    {"roofline_direct", smes::cpu::roofline_direct, METH_VARARGS,
+     "roofline_ on plain CPU tensors without the dispatcher; NotImplemented when it cannot."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef smes_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, smes_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&smes_module); }

@@ -32,7 +32,8 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& found_inf) {
   const int64_t n = (int64_t)params.size();
   if (n == 0) return;
-  check_step_args(n, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hypers, lrs);
+  check_step_args(n, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), max_exp_avg_sqs.size(),
+                  steps.size(), hypers, lrs.size());
   const at::Device dev = params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
   const int pdt = dtype_code(params[0].scalar_type());

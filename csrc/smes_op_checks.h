@@ -37,24 +37,22 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* w
               "] has strides ", t.strides(), " but its param has strides ", ref.strides());
 }
 
-// The list lengths and the hyperparameter table of one smes_step_ call.
-inline void check_step_args(int64_t n, at::TensorList grads, at::TensorList exp_avgs,
-                            const c10::List<std::optional<at::Tensor>>& exp_avg_sqs,
-                            const c10::List<std::optional<at::Tensor>>& max_exp_avg_sqs,
-                            at::TensorList steps, const at::Tensor& hypers,
-                            const c10::List<std::optional<at::Tensor>>& lrs) {
-  TORCH_CHECK(grads.size() == (size_t)n && exp_avgs.size() == (size_t)n &&
-                  steps.size() == (size_t)n,
+// The list lengths (optional lists may be empty) and the hyperparameter table of one smes_step_
+// call of n tensors.
+inline void check_step_args(int64_t n, size_t n_grads, size_t n_exp_avgs, size_t n_exp_avg_sqs,
+                            size_t n_max_exp_avg_sqs, size_t n_steps, const at::Tensor& hypers,
+                            size_t n_lrs) {
+  const size_t un = (size_t)n;
+  TORCH_CHECK(n_grads == un && n_exp_avgs == un && n_steps == un,
               "smes_fused: params, grads, exp_avgs and steps must have the same length");
-  TORCH_CHECK(exp_avg_sqs.size() == 0 || exp_avg_sqs.size() == (size_t)n,
+  TORCH_CHECK(n_exp_avg_sqs == 0 || n_exp_avg_sqs == un,
               "smes_fused: exp_avg_sqs must be empty or as long as params");
-  TORCH_CHECK(max_exp_avg_sqs.size() == 0 || max_exp_avg_sqs.size() == (size_t)n,
+  TORCH_CHECK(n_max_exp_avg_sqs == 0 || n_max_exp_avg_sqs == un,
               "smes_fused: max_exp_avg_sqs must be empty or as long as params");
-  TORCH_CHECK(lrs.size() == 0 || lrs.size() == (size_t)n,
-              "smes_fused: lrs must be empty or as long as params");
-  TORCH_CHECK(hypers.device().is_cpu() && hypers.scalar_type() == at::kDouble &&
-                  hypers.dim() == 2 && hypers.size(0) == n && hypers.size(1) == kHyperCols &&
-                  hypers.is_contiguous(),
+  TORCH_CHECK(n_lrs == 0 || n_lrs == un, "smes_fused: lrs must be empty or as long as params");
+  TORCH_CHECK(hypers.defined() && hypers.device().is_cpu() &&
+                  hypers.scalar_type() == at::kDouble && hypers.dim() == 2 &&
+                  hypers.size(0) == n && hypers.size(1) == kHyperCols && hypers.is_contiguous(),
               "smes_fused: hypers must be a contiguous float64 CPU tensor of shape [", n, ", ",
               (int)kHyperCols, "]");
 }

@@ -10,6 +10,12 @@ Importing this module never fails: ``HAVE_C`` says whether the extension loaded,
 - ``torch.ops.smes_fused.roofline_(params, grads, exp_avgs, exp_avg_sqs)``: the same memory
   traffic with trivial math, the CPU memory roofline of the benchmark suite (see :func:`roofline`).
 
+In eager mode, :func:`smes_step_` and :func:`roofline` call the same C++ code through
+``_C.step_direct`` / ``_C.roofline_direct``, which read plain CPU tensors straight from their
+Python objects rather than through the dispatcher's per-entry argument conversion (~120 ns per
+list entry); they fall back to the op for anything the dispatcher must see (tensor subclasses,
+dispatch modes, CUDA tensors) and while torch.compile traces.
+
 ``hypers`` is a contiguous float64 CPU tensor of shape ``[n, 7]``; its columns are
 :data:`HYPER_COLUMNS`, the last one the bit flags ``FLAG_*``.
 """
@@ -86,6 +92,13 @@ def smes_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
+    if not torch.compiler.is_compiling():
+        done = _C.step_direct(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hypers, lrs,
+            grad_scale, found_inf,
+        )  # fmt: skip
+        if done is not NotImplemented:
+            return
     torch.ops.smes_fused.smes_step_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hypers, lrs,
         grad_scale, found_inf,
@@ -103,4 +116,7 @@ def roofline(
     """
     if not HAVE_C:
         raise RuntimeError(unavailable_reason())
-    torch.ops.smes_fused.roofline_(params, grads, exp_avgs, exp_avg_sqs)
+    if torch.compiler.is_compiling() or (
+        _C.roofline_direct(params, grads, exp_avgs, exp_avg_sqs) is NotImplemented
+    ):
+        torch.ops.smes_fused.roofline_(params, grads, exp_avgs, exp_avg_sqs)

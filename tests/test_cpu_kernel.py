@@ -387,6 +387,98 @@ def test_roofline_helper():
         torch.testing.assert_close(a, b + c)
 
 
+def _clone_args(args):
+    return tuple(
+        [None if t is None else t.clone() for t in a] if isinstance(a, list) else a.clone()
+        for a in args
+    )
+
+
+def _assert_same_args(a, b):
+    for la, lb in zip(a, b, strict=True):
+        for x, y in zip(la, lb, strict=True) if isinstance(la, list) else [(la, lb)]:
+            assert (x is None) == (y is None)
+            assert x is None or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_direct_entry_equals_the_op(tensor_lr):
+    args = _op_args(tensor_lr=tensor_lr)
+    scale = (torch.tensor(2.0), torch.tensor(0.0))
+    direct, op = _clone_args(args), _clone_args(args)
+    assert _ops._C.step_direct(*direct, *scale) is None
+    torch.ops.smes_fused.smes_step_(*op, *scale)
+    _assert_same_args(direct, op)
+    assert not torch.equal(direct[0][0], args[0][0])  # the params did change
+    assert direct[5][0].item() == args[5][0].item() + 1  # and the step advanced
+
+    xs = [torch.randn(n) for n in (5, 0, 70000)]
+    direct = tuple([x.clone() for x in xs] for _ in range(4))
+    op = _clone_args(direct)
+    assert _ops._C.roofline_direct(*direct) is None
+    torch.ops.smes_fused.roofline_(*op)
+    _assert_same_args(direct, op)
+
+
+def test_eager_calls_take_the_direct_entry(monkeypatch):
+    calls = []
+    real = _ops._C.step_direct
+    monkeypatch.setattr(_ops._C, "step_direct", lambda *a: calls.append(1) or real(*a))
+    h = hyper(0.37)
+    apply("cpu", make_state([4, 9], h), [h, h], torch.float32)
+    assert calls == [1]
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_direct_entry_leaves_what_the_dispatcher_must_see_to_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    args = _op_args()
+    before = _clone_args(args)
+    sub = _clone_args(args)
+    sub[2][0] = sub[2][0].as_subclass(_Sub)  # a tensor subclass
+    assert _ops._C.step_direct(*sub, None, None) is NotImplemented
+    meta = _clone_args(args)
+    meta[0][:] = [t.to("meta") for t in meta[0]]
+    assert _ops._C.step_direct(*meta, None, None) is NotImplemented
+    _assert_same_args(sub, before)  # nothing was touched
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        assert _ops._C.step_direct(*args, None, None) is NotImplemented
+        _ops.smes_step_(*args)  # falls back to the op, which the mode sees
+    assert seen == ["smes_fused.smes_step_.default"]
+    assert not torch.equal(args[0][0], before[0][0])
+
+    _ops.smes_step_(*sub)  # the subclass goes through the op too
+    assert not torch.equal(sub[0][0], before[0][0])
+
+
+def test_direct_entry_errors_like_the_op():
+    args = _op_args()
+    args[1][2] = torch.randn(34)  # a grad of the wrong shape
+    before = _clone_args(args)
+    with pytest.raises(RuntimeError, match=r"grads\[2\] has shape \[34\]") as direct:
+        _ops._C.step_direct(*args, None, None)
+    with pytest.raises(RuntimeError) as op:
+        torch.ops.smes_fused.smes_step_(*args)
+    assert str(direct.value).splitlines()[0] == str(op.value).splitlines()[0]
+    _assert_same_args(args, before)
+    with pytest.raises(TypeError):
+        _ops._C.step_direct(1, *args[1:], None, None)
+    with pytest.raises(TypeError):
+        _ops._C.step_direct(*args)  # too few arguments
+
+
 def test_unavailable_message_names_the_build_command(monkeypatch):
     monkeypatch.setattr(_ops, "HAVE_C", False)
     monkeypatch.setattr(_ops, "_IMPORT_ERROR", "ImportError: test")
