@@ -82,6 +82,10 @@ class Bucket:
     amsgrad is on for a tracked tensor. ``steps[i]`` is the float32 scalar count of the steps
     taken so far; the backend advances it by one, unless ``found_inf`` is non-zero (then nothing
     changes at all).
+
+    :meth:`by_variant` and :meth:`by_state_kind` are computed once and kept until the next
+    :meth:`append`. Between steps the optimizer replaces ``grads`` and ``hypers`` only, with
+    hyperparameters of the same variants (a change of variant rebuilds the buckets).
     """
 
     key: BucketKey
@@ -92,6 +96,8 @@ class Bucket:
     max_exp_avg_sqs: list[Tensor | None] = dataclasses.field(default_factory=list)
     steps: list[Tensor] = dataclasses.field(default_factory=list)
     hypers: list[Hyper] = dataclasses.field(default_factory=list)
+    _by_variant: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+    _by_state_kind: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -104,6 +110,7 @@ class Bucket:
         self.max_exp_avg_sqs.append(max_exp_avg_sq)
         self.steps.append(step)
         self.hypers.append(hyper)
+        self._by_variant = self._by_state_kind = None
 
     def subset(self, index: list[int]) -> Bucket:
         b = Bucket(self.key)
@@ -121,10 +128,21 @@ class Bucket:
 
     def by_variant(self) -> dict[Variant, list[int]]:
         """Tensor indices per compile-time variant, in bucket order."""
-        out: dict[Variant, list[int]] = {}
-        for i, h in enumerate(self.hypers):
-            out.setdefault(h.variant, []).append(i)
-        return out
+        if self._by_variant is None:
+            out: dict[Variant, list[int]] = {}
+            for i, h in enumerate(self.hypers):
+                out.setdefault(h.variant, []).append(i)
+            self._by_variant = out
+        return self._by_variant
+
+    def by_state_kind(self) -> dict[tuple[bool, bool], list[int]]:
+        """Tensor indices per (has exp_avg_sq, has max_exp_avg_sq), in bucket order."""
+        if self._by_state_kind is None:
+            out: dict[tuple[bool, bool], list[int]] = {}
+            for i, (v, x) in enumerate(zip(self.exp_avg_sqs, self.max_exp_avg_sqs)):
+                out.setdefault((v is not None, x is not None), []).append(i)
+            self._by_state_kind = out
+        return self._by_state_kind
 
 
 @contextlib.contextmanager

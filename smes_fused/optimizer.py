@@ -366,5 +366,10 @@ class _Plan:
                     f"SMES does not support sparse gradients (got layout {g.layout})"
                 )
         for key, b in self.buckets.items():
-            b.grads = [grads[i] for i in self.index[key]]
-            b.hypers = [hypers[gi] for gi in self.group_of[key]]
+            index, group_of = self.index[key], self.group_of[key]
+            # One bucket of every gradient (the usual case): the list itself.
+            b.grads = grads if len(index) == len(grads) else [grads[i] for i in index]
+            if len(hypers) == 1:
+                b.hypers = hypers * len(group_of)
+            else:
+                b.hypers = [hypers[gi] for gi in group_of]

@@ -321,6 +321,26 @@ def test_load_state_dict_with_wrong_shapes_is_rejected_whole():
 # ------------------------------------------------------------------ the cached plan
 
 
+def test_bucket_index_lists_follow_append():
+    from smes_fused._bucket import Bucket, BucketKey
+
+    def hyper(p, track_v=True):
+        return functional.make_hyper(
+            lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, exponent=p,
+            decoupled_weight_decay=True, amsgrad=False, maximize=False, bias_correction=True,
+            track_second_moment=track_v,
+        )  # fmt: skip
+
+    t = torch.zeros(2)
+    b = Bucket(BucketKey(t.device, t.dtype, t.dtype))
+    b.append(t, t, t, t, None, t, hyper(0.5))
+    assert b.by_state_kind() == {(True, False): [0]}
+    assert b.by_variant() == {hyper(0.5).variant: [0]}
+    b.append(t, t, t, None, None, t, hyper(0.0, track_v=False))
+    assert b.by_state_kind() == {(True, False): [0], (False, False): [1]}
+    assert list(b.by_variant().values()) == [[0], [1]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cached_buckets_follow_every_change(backend):
     """SMES.step keeps its buckets between steps: each change below must still take effect,

@@ -132,14 +132,11 @@ class CompiledBackend:
         # with None in it (torch.compile's functionalization of mutable Tensor?[] arguments fails
         # on None). A bucket that mixes tensors with and without v (or v_max) is applied in one
         # call per kind: rare, since it needs groups that differ in p = 0 or amsgrad.
-        has_v = [v is not None for v in bucket.exp_avg_sqs]
-        has_x = [x is not None for x in bucket.max_exp_avg_sqs]
-        kinds = set(zip(has_v, has_x))
+        kinds = bucket.by_state_kind()
         if len(kinds) == 1:
             self._apply(bucket, bucket.key, grad_scale, found_inf)
         else:
-            for kind in sorted(kinds):
-                index = [i for i, k in enumerate(zip(has_v, has_x)) if k == kind]
+            for kind, index in sorted(kinds.items()):
                 self._apply(bucket.subset(index), (bucket.key, kind), grad_scale, found_inf)
 
     def _apply(self, bucket: Bucket, table_key, grad_scale, found_inf) -> None:
