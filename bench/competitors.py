@@ -1,7 +1,9 @@
 """Who runs in a cell: torch.optim.AdamW variants, every usable SMES backend, the roofline.
 
 A :class:`Spec` says how to build a competitor on a cell's parameters (whose ``.grad`` is set):
-``build(params)`` returns the step to time and a function listing the state tensors it owns.
+``build(params)`` returns the step to time and a function giving the state tensors it owns, by
+(param index, role): the roles are torch's state names ("step", "exp_avg", "exp_avg_sq",
+"max_exp_avg_sq"), and the roofline's buffers take the roles of the state they stand for.
 All optimizers use the same hyperparameters, AdamW's defaults (lr 1e-3, betas (0.9, 0.999),
 eps 1e-8, weight decay 1e-2, decoupled), which SMES shares.
 """
@@ -17,7 +19,7 @@ from torch import Tensor
 from .roofline import roofline
 from .timing import Step
 
-StateFn = Callable[[], Iterable[Tensor]]
+StateFn = Callable[[], dict[tuple[int, str], Tensor]]
 REFERENCE = "AdamW fused"  # the competitor every ratio is taken against
 
 # SMES backends benchmarked by default on each device type; "reference" (per-tensor Python)
@@ -83,14 +85,20 @@ def smes_backends(device: torch.device, requested: Iterable[str] | None) -> dict
 
 
 def _optimizer(opt: torch.optim.Optimizer, step: Step | None = None) -> tuple[Step, StateFn]:
-    def state() -> Iterable[Tensor]:
-        for s in opt.state.values():
-            yield from (t for t in s.values() if isinstance(t, Tensor))
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def state() -> dict[tuple[int, str], Tensor]:
+        return {
+            (i, name): t
+            for i, p in enumerate(params)
+            for name, t in opt.state.get(p, {}).items()
+            if isinstance(t, Tensor)
+        }
 
     return step or opt.step, state
 
 
-def _buffers(step: Step, buffers: list[Tensor]) -> tuple[Step, StateFn]:
+def _buffers(step: Step, buffers: dict[tuple[int, str], Tensor]) -> tuple[Step, StateFn]:
     return step, lambda: buffers
 
 

@@ -3,7 +3,7 @@
 - CPU with the compiled extension: ``torch.ops.smes_fused.roofline_``, a kernel with exactly the
   optimizer's memory pattern (read θ, g, m, v; write θ, m, v: 28 B/param) and its parallel split,
   with trivial math.
-- CPU without it: three in-place ``torch._foreach_add_`` passes, θ += 1e-12·g, m += g, v += g.
+- CPU without it: three in-place ``torch._foreach_*`` passes, θ += 1e-12·g, m += g, v += g·g.
   They move 36 B/param (g is read three times), which is what the row's GB/s counts.
 - CUDA: a device-to-device copy of 14 bytes per parameter (28 B/param moved, read + write).
 
@@ -35,7 +35,7 @@ def compiled_op() -> Callable | None:
 
 
 def roofline(device: torch.device) -> Roofline:
-    """(name, bytes moved per parameter, build(params) -> (step, buffers it allocated))."""
+    """(name, bytes moved per parameter, build(params) -> (step, buffers it allocated, by role))."""
     if device.type == "cuda":
         return "roofline: D2D copy", 28, _copy
     op = compiled_op()
@@ -44,7 +44,14 @@ def roofline(device: torch.device) -> Roofline:
     return "roofline: torch foreach", 36, _foreach
 
 
-def _kernel(op: Callable, params: list[Tensor]) -> tuple[Step, list[Tensor]]:
+def _state(m: list[Tensor], v: list[Tensor]) -> dict[tuple[int, str], Tensor]:
+    """The buffers by the roles of the optimizer state they stand for (see bench.runner)."""
+    out = {(i, "exp_avg"): t for i, t in enumerate(m)}
+    out.update({(i, "exp_avg_sq"): t for i, t in enumerate(v)})
+    return out
+
+
+def _kernel(op: Callable, params: list[Tensor]) -> tuple[Step, dict]:
     grads = [p.grad for p in params]
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
@@ -53,10 +60,10 @@ def _kernel(op: Callable, params: list[Tensor]) -> tuple[Step, list[Tensor]]:
     def step() -> None:
         op(params, grads, m, v)
 
-    return step, m + v
+    return step, _state(m, v)
 
 
-def _foreach(params: list[Tensor]) -> tuple[Step, list[Tensor]]:
+def _foreach(params: list[Tensor]) -> tuple[Step, dict]:
     grads = [p.grad for p in params]
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
@@ -65,13 +72,13 @@ def _foreach(params: list[Tensor]) -> tuple[Step, list[Tensor]]:
     def step() -> None:
         torch._foreach_add_(params, grads, alpha=1e-12)  # reads and writes θ, leaves it as is
         torch._foreach_add_(m, grads)
-        torch._foreach_add_(v, grads)
+        torch._foreach_addcmul_(v, grads, grads)  # v stays >= 0 (state is shared, see runner)
 
-    return step, m + v
+    return step, _state(m, v)
 
 
-def _copy(params: list[Tensor]) -> tuple[Step, list[Tensor]]:
+def _copy(params: list[Tensor]) -> tuple[Step, dict]:
     n = sum(p.numel() for p in params)
     src = torch.ones(14 * n, dtype=torch.uint8, device=params[0].device)
     dst = torch.empty_like(src)
-    return (lambda: dst.copy_(src)), [src, dst]
+    return (lambda: dst.copy_(src)), {(0, "copy source"): src, (0, "copy target"): dst}

@@ -364,12 +364,12 @@ void roofline_segment(const TensorJob& j, int64_t lo, int64_t hi) {
     V g = load(gp + i);
     store(pp + i, load(pp + i) - a * g);
     store(mp + i, load(mp + i) + g);
-    store(vp + i, load(vp + i) + g);
+    store(vp + i, load(vp + i) + g * g);  // v stays >= 0: a valid state for the optimizers
   }
   for (; i < n; ++i) {
     pp[i] -= a * gp[i];
     mp[i] += gp[i];
-    vp[i] += gp[i];
+    vp[i] += gp[i] * gp[i];
   }
 }
 

@@ -112,7 +112,8 @@ def roofline(
     element) with trivial math and the same parallel split as the CPU kernel.
 
     Time it to get the memory roofline of the optimizer on this machine. Float32, contiguous,
-    CPU tensors; θ changes by a negligible 1e-30·g, m and v grow by g.
+    CPU tensors; θ changes by a negligible 1e-30·g, m grows by g and v by g² (so v stays a valid
+    second moment: the benchmark shares state buffers between competitors).
     """
     if not HAVE_C:
         raise RuntimeError(unavailable_reason())

@@ -104,3 +104,33 @@ def test_summary_table_from_csv_rows():
     )
     with pytest.raises(SystemExit, match="no 'SMES cuda' rows"):
         summary.markdown(rows, "cuda")
+
+
+def test_competitors_of_a_cell_share_state_memory_and_stay_finite():
+    from bench import runner
+    from bench.competitors import specs
+    from bench.shapes import ShapeSet
+
+    dev = torch.device("cpu")
+    params = runner._allocate(ShapeSet("t", ((33,), (5, 7), (33,)), ""), dev)
+    cell = specs(dev, 0.37, ["cpu", "foreach"], unfused_adamw=True, compile=False)
+    ready = [runner._set_up(spec, params, dev) for spec in cell]
+    runner._share_state(ready)
+
+    def buffers(r):
+        return [t for (_, role), t in r.state().items() if role != "step"]
+
+    first = ready[0].state()  # fused AdamW: every (param, role) but the roofline's
+    for r in ready:
+        ptrs = [t.data_ptr() for t in buffers(r)]
+        assert len(set(ptrs)) == len(ptrs), r.spec.name  # never two tensors on one buffer
+        for key, t in r.state().items():
+            if key[1] != "step":
+                assert t.data_ptr() == first[key].data_ptr(), (r.spec.name, key)
+    steps = [t for r in ready for (_, role), t in r.state().items() if role == "step"]
+    assert len({t.data_ptr() for t in steps}) == len(steps)  # step counts stay separate
+    for _ in range(3):
+        for r in ready:
+            r.step()
+    for t in params + [t for r in ready for t in r.state().values()]:
+        assert torch.isfinite(t).all()

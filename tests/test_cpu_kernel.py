@@ -383,8 +383,9 @@ def test_roofline_helper():
     xs = [torch.randn(n) for n in (5, 0, 70000)]
     th, g, m, v = ([x.clone() for x in xs] for _ in range(4))
     _ops.roofline(th, g, m, v)
-    for a, b, c in zip(m, xs, g, strict=True):
+    for a, w, b, c in zip(m, v, xs, g, strict=True):
         torch.testing.assert_close(a, b + c)
+        torch.testing.assert_close(w, b + c * c)
 
 
 def _clone_args(args):
