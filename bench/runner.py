@@ -139,19 +139,17 @@ def _share_state(ready: list[_Ready]) -> None:
     sets in one process: 9.13 to 9.74 ms). Roles are kept (an exp_avg_sq only ever shares with
     exp_avg_sqs, which every competitor keeps >= 0); step counts stay separate. Called after the
     first steps, so the state and peak-memory columns are each competitor's own."""
+
+    def layout(t: Tensor) -> tuple:
+        return t.shape, t.dtype, t.device, t.stride()
+
     pool: dict[tuple[int, str], Tensor] = {}
     for r in ready:
         for key, t in r.state().items():
-            if key[1] == "step" or t.dim() == 0:
+            if key[1] == "step":
                 continue
             shared = pool.setdefault(key, t)
-            same = (shared.shape, shared.dtype, shared.device, shared.stride()) == (
-                t.shape,
-                t.dtype,
-                t.device,
-                t.stride(),
-            )
-            if shared is not t and same:
+            if shared is not t and layout(shared) == layout(t):
                 t.set_(shared)
 
 
