@@ -75,36 +75,32 @@ struct VecMath {
   SMES_CPU_INLINE __m512 lookup(const float* t, __m512i k) {  // t[k & 31]
     return _mm512_permutex2var_ps(_mm512_load_ps(t), k, _mm512_load_ps(t + 16));
   }
-  // vfixupimmps tables: NaN -> +0 (class QNaN, response 8), and +-inf -> +0 (classes 4 and 5);
-  // every other class keeps its value (response 0).
+  // vfixupimmps table: NaN -> +0 (class QNaN, response 8); every other class keeps its value.
   SMES_CPU_INLINE __m512 nan_to_zero(__m512 x) {
     return _mm512_fixupimm_ps(x, x, _mm512_set1_epi32(0x00000008), 0);
   }
-  SMES_CPU_INLINE __m512 inf_to_zero(__m512 x) {
-    return _mm512_fixupimm_ps(x, x, _mm512_set1_epi32(0x00880000), 0);
-  }
-  // log2 x = e + l: e = floor(log2 x) (exact; -inf at 0, inf at inf), l = log2(mant) with mant in
-  // [1, 2): l = kLog[k] + log2(1 + f), f = mant * kRcp[k] - 1 (|f| < 0.0154, one rounding) for
-  // k the top 5 mantissa bits. log2(1 + f) = f (c1 + c2 f): absolute error 4.4e-7.
-  SMES_CPU_INLINE void log2_split(V x, V& e_out, V& l_out) {
+  // The exponent p log2(v / bc2) in two parts: e = floor(log2 v) (exact; -inf at 0, inf at inf)
+  // and t = p l + shift, with l = log2(mant), mant in [1, 2): l = kLog[k] + log2(1 + f),
+  // f = mant * kRcp[k] - 1 (|f| < 0.0154, one rounding) for k the top 5 mantissa bits, and
+  // log2(1 + f) = f (c1 + c2 f) (absolute error 4.4e-7). p and shift = -p log2 bc2 are folded into
+  // the table (p kLog[k] + shift) and the coefficients (p c1, p c2): loop invariants, so t costs
+  // no more than l.
+  SMES_CPU_INLINE void log2_scaled(V x, const Scalars& s, V& e_out, V& t_out) {
     const __m512 mant = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
     const __m512i k = _mm512_srli_epi32(_mm512_castps_si512(mant), 18);  // bits 4..0 used
     const V f = _mm512_fmsub_ps(mant, lookup(kRcp, k), splat(1.0f));
-    const V q = f * -0.7214267f + 1.4427804f;
+    const V q = f * (s.p * -0.7214267f) + (s.p * 1.4427804f);
+    const __m512 p = splat(s.p), shift = splat(s.log2_shift);
+    const __m512 tab0 = _mm512_fmadd_ps(p, _mm512_load_ps(kLog), shift);
+    const __m512 tab1 = _mm512_fmadd_ps(p, _mm512_load_ps(kLog + 16), shift);
     e_out = (V)_mm512_getexp_ps(x);
-    l_out = f * q + (V)lookup(kLog, k);
+    t_out = f * q + (V)_mm512_permutex2var_ps(tab0, k, tab1);
   }
   SMES_CPU_INLINE V quot(V m, V d) { return m / d; }
-  // 2^(hi + lo) for |lo| small against the rounding of hi + lo: r = hi + lo rounded to a multiple
-  // of 1/32, the fraction f = (hi - r) + lo (hi - r is exact), so the sum is never rounded to
-  // float; 2^(hi + lo) = 2^floor(r) * kExp[32 r mod 32] * 2^f, |f| <= 1/64, 2^f = 1 + f (c1 + c2 f)
-  // (relative error 5.5e-8). No clamps: scalef gives inf/0 for any r out of range, and +-inf for
-  // r = +-inf (v = 0 or inf, where f is NaN and set to 0); a NaN v makes r NaN, which scalef
-  // propagates.
-  SMES_CPU_INLINE V exp2_2(V hi, V lo) {
-    const __m512 r = _mm512_roundscale_ps(hi + lo, (5 << 4) | _MM_FROUND_TO_NEAREST_INT |
-                                                       _MM_FROUND_NO_EXC);
-    const V f = nan_to_zero((hi - (V)r) + lo);
+  // 2^(r + f) for r a multiple of 1/32 and |f| <= 1/64 (plus a rounding): 2^floor(r) *
+  // kExp[32 r mod 32] * 2^f with 2^f = 1 + f (c1 + c2 f) (relative error 5.5e-8). No clamps:
+  // scalef gives inf/0 for any r out of range and for r = +-inf; a NaN r stays NaN.
+  SMES_CPU_INLINE V exp2_rf(__m512 r, V f) {
     // r + 1.5 * 2^18 has an ulp of 1/32: its low 5 bits are 32 r mod 32 (for |r| < 2^17; beyond,
     // scalef saturates whatever the table gives)
     const __m512i k = _mm512_castps_si512(_mm512_add_ps(r, splat(393216.0f)));
@@ -168,21 +164,28 @@ struct VecMath {
   }
 #endif
 
-  // (v / bc2)^p = 2^(p log2 v - p log2 bc2). With log2 v = e + l (e integral, |e| <= 150) and
-  // p = p_hi + p_lo (p_hi of 12 bits), p_hi * e is exact, so the exponent is carried as
-  // hi + lo without rounding its large part: a few ulps over the whole float range.
+  // (v / bc2)^p = 2^(p log2 v - p log2 bc2) = 2^(p e + t), e = floor(log2 v) integral
+  // (|e| <= 150), never rounding the large part p e: a few ulps over the whole float range.
   SMES_CPU_INLINE V pow_hat(V v, const Scalars& s) {
+#if SMES_W == 16
+    // r: p e + t rounded, then rounded to a multiple of 1/32. The fraction f = (p e - r) + t takes
+    // p e - r from one FMA, whose result (about -t) is small. v = 0 or inf: e = -+inf, r = -+inf
+    // and f NaN, set to 0.
+    V e, t;
+    log2_scaled(v, s, e, t);
+    const __m512 p = splat(s.p);
+    const __m512 r = _mm512_roundscale_ps(_mm512_fmadd_ps(p, e, t),
+                                          (5 << 4) | _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = nan_to_zero(_mm512_fmsub_ps(p, e, r) + t);
+    return exp2_rf(r, f);
+#else
+    // p = p_hi + p_lo (p_hi of 12 bits): p_hi * e is exact, and the exponent is carried as hi + lo.
     V e, l;
     log2_split(v, e, l);
     const V hi = s.p_hi * e;
-#if SMES_W == 16
-    // e = +-inf (v = 0 or inf) is carried by hi alone; lo stays finite
-    const V ec = inf_to_zero(e);
-#else
-    const V ec = e;  // exp2_2 checks hi for +-inf itself
-#endif
-    const V lo = s.p_lo * ec + (s.p * l + s.log2_shift);
+    const V lo = s.p_lo * e + (s.p * l + s.log2_shift);  // exp2_2 checks hi for +-inf itself
     return exp2_2(hi, lo);
+#endif
   }
 };
 
