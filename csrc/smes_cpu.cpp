@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "smes_cpu_job.h"
@@ -381,6 +382,92 @@ PyObject* roofline_direct(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// ------------------------------------------------------------------ a bucket kept in C++
+//
+// The "cpu" backend's steady state (smes_fused/backends/compiled.py, FastBucket): a bucket's
+// params and state tensors held here between steps, so that a step passes only the
+// hyperparameter table and reads each param's .grad itself: no per-tensor Python at all.
+// _C.plan_step returns NotImplemented, having done nothing, whenever a grad is missing, not
+// strided or not a plain tensor, or a dispatch mode is active; the optimizer then takes its
+// general path, which validates everything and says what is wrong.
+
+struct Plan {
+  std::vector<at::Tensor> lists[5];  // params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+};
+constexpr const char* kPlanName = "smes_fused.Plan";
+
+void plan_free(PyObject* capsule) {
+  delete static_cast<Plan*>(PyCapsule_GetPointer(capsule, kPlanName));
+}
+
+// plan_new(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps): a capsule, or NotImplemented
+// if an entry is not a plain tensor (the optional lists are empty or full, as for the op).
+PyObject* plan_new(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* l[5];
+  if (!PyArg_ParseTuple(args, "OOOOO:plan_new", &l[0], &l[1], &l[2], &l[3], &l[4])) return nullptr;
+  auto plan = std::make_unique<Plan>();
+  for (int k = 0; k < 5; ++k) {
+    PyObject* fast = PySequence_Fast(l[k], "smes_fused: expected a list of tensors");
+    if (fast == nullptr) return nullptr;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject** items = PySequence_Fast_ITEMS(fast);
+    bool ok = true;
+    for (Py_ssize_t i = 0; i < n && ok; ++i) {
+      ok = THPVariable_CheckExact(items[i]) && plain(THPVariable_Unpack(items[i]));
+      if (ok) plan->lists[k].push_back(THPVariable_Unpack(items[i]));
+    }
+    Py_DECREF(fast);
+    if (!ok) Py_RETURN_NOTIMPLEMENTED;
+  }
+  PyObject* capsule = PyCapsule_New(plan.get(), kPlanName, plan_free);
+  if (capsule != nullptr) plan.release();
+  return capsule;
+  END_HANDLE_TH_ERRORS
+}
+
+thread_local std::vector<at::Tensor> t_grads;
+
+// plan_step(plan, hypers, grad_scale, found_inf): smes_step_ on the plan's tensors and their
+// current grads; None, or NotImplemented (nothing done) as said above.
+PyObject* plan_step(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *capsule, *hy, *gs, *fi;
+  if (!PyArg_ParseTuple(args, "OOOO:plan_step", &capsule, &hy, &gs, &fi)) return nullptr;
+  auto* plan = static_cast<Plan*>(PyCapsule_GetPointer(capsule, kPlanName));
+  if (plan == nullptr) return nullptr;
+  if (c10::impl::dispatch_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  const at::Tensor *hypers, *grad_scale, *found_inf;
+  if (!optional_tensor(hy, &hypers) || hypers == nullptr || !optional_tensor(gs, &grad_scale) ||
+      !optional_tensor(fi, &found_inf))
+    Py_RETURN_NOTIMPLEMENTED;
+  const std::vector<at::Tensor>& params = plan->lists[0];
+  struct Release {  // the grads' references end with the call
+    ~Release() { t_grads.clear(); }
+  } release;
+  t_grads.resize(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& g = params[i].grad();
+    if (!g.defined() || g.layout() != at::kStrided || !plain(g)) Py_RETURN_NOTIMPLEMENTED;
+    t_grads[i] = g;
+  }
+  Seq* s = t_seqs;
+  s[kParams].of(params);
+  s[kGrads].of(t_grads);
+  s[kExpAvgs].of(plan->lists[1]);
+  s[kExpAvgSqs].of(plan->lists[2]);
+  s[kMaxExpAvgSqs].of(plan->lists[3]);
+  s[kSteps].of(plan->lists[4]);
+  s[kLrs].of(at::TensorList());
+  {
+    pybind11::gil_scoped_release no_gil;
+    step_bucket(s[kParams], s[kGrads], s[kExpAvgs], s[kExpAvgSqs], s[kMaxExpAvgSqs], s[kSteps],
+                *hypers, s[kLrs], grad_scale, found_inf);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace smes
@@ -417,6 +504,10 @@ static PyMethodDef smes_methods[] = {
     {"has_cuda", smes_has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"step_direct", smes::cpu::step_direct, METH_VARARGS,
      "smes_step_ on plain CPU tensors without the dispatcher; NotImplemented when it cannot."},
+    {"plan_new", smes::cpu::plan_new, METH_VARARGS,
+     "A bucket's params and state kept in C++ (a capsule); NotImplemented when it cannot."},
+    {"plan_step", smes::cpu::plan_step, METH_VARARGS,
+     "smes_step_ on a plan and its params' current grads; NotImplemented when it cannot."},
     {"roofline_direct", smes::cpu::roofline_direct, METH_VARARGS,
      "roofline_ on plain CPU tensors without the dispatcher; NotImplemented when it cannot."},
     {nullptr, nullptr, 0, nullptr}};

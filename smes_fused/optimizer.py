@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from itertools import chain
+from itertools import chain, groupby
 
 import torch
 from torch import Tensor
@@ -145,8 +145,16 @@ class SMES(Optimizer):
 
         # Nothing is mutated until everything is validated and every bucket has a backend.
         hypers = [_group_hyper(group) for group in self.param_groups]
-        grads = [p.grad for group in self.param_groups for p in group["params"]]
         plan = getattr(self, "_plan", None)
+        if (
+            plan is not None
+            and plan.fast is not None
+            and not torch.compiler.is_compiling()  # compiled steps trace the op
+            and plan.fits_same_grads(self, hypers)
+            and plan.fast(hypers, grad_scale=grad_scale, found_inf=found_inf)
+        ):
+            return loss
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
         if plan is None or not plan.fits(self, hypers, grads):
             plan = self._plan = _Plan(self, hypers, grads)
         else:
@@ -306,6 +314,11 @@ class _Plan:
     values (lr schedules) are refreshed: a few list operations per tensor. Gradients of the
     wrong shape, dtype or device cannot be assigned to ``.grad`` (autograd refuses them) and the
     fused kernels check them again before writing; sparse gradients are checked here.
+
+    A single bucket on the "cpu" backend is also kept in C++ (``fast``, see
+    ``CompiledBackend.fast_bucket``): while the signature holds and no param without a gradient
+    gains one, a step hands it the groups' hyperparameters and the C++ reads every ``.grad``
+    itself. It declines (changing nothing) on anything unusual, and the general path runs.
     """
 
     def __init__(self, opt: SMES, hypers: list, grads: list) -> None:
@@ -353,11 +366,29 @@ class _Plan:
             self.group_of.setdefault(key, []).append(gi)
         self.has_grad = [g is not None for g in grads]
         self.signature = _signature(opt, hypers)
+        params = [p for group in groups for p in group["params"]]
+        self.without_grad = [p for p, g in zip(params, grads) if g is None]
+        # One bucket on the "cpu" backend (the usual case): kept in C++, whose steps read the
+        # grads themselves (see CompiledBackend.fast_bucket).
+        self.fast = None
+        if len(self.buckets) == 1 and not torch.compiler.is_compiling():
+            key, bucket = next(iter(self.buckets.items()))
+            make = getattr(self.backends[key], "fast_bucket", None)
+            if make is not None:
+                runs = [(len(list(run)), gi) for gi, run in groupby(self.group_of[key])]
+                self.fast = make(bucket, runs)
 
     def fits(self, opt: SMES, hypers: list, grads: list) -> bool:
         return [g is not None for g in grads] == self.has_grad and _signature(
             opt, hypers
         ) == self.signature
+
+    def fits_same_grads(self, opt: SMES, hypers: list) -> bool:
+        """:meth:`fits`, for a step that finds the same params with gradients (the fast path
+        checks its own params' grads in C++): no param left out gained one."""
+        return _signature(opt, hypers) == self.signature and all(
+            p.grad is None for p in self.without_grad
+        )
 
     def refresh(self, hypers: list, grads: list) -> None:
         for g in grads:

@@ -274,6 +274,88 @@ def test_optimizer_cpu_matches_reference(kw):
             torch.testing.assert_close(oa.state[x][k], v, rtol=2e-5, atol=1e-7)
 
 
+def _fast_runs(monkeypatch, fast: bool, steps=6):
+    """An optimizer over two groups, with an lr change and grad_scale: the steady-state steps go
+    through the C++-kept bucket (fast) or the general path; returns params, state, fast calls."""
+    from smes_fused.backends import compiled
+
+    calls = []
+    if fast:
+        real = _ops._C.plan_step
+        monkeypatch.setattr(_ops._C, "plan_step", lambda *a: calls.append(1) or real(*a))
+    else:
+        monkeypatch.setattr(compiled.CompiledBackend, "fast_bucket", lambda *a: None)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(3,), (127,), (65, 33), (1000,)]]
+    opt = smes_fused.SMES(
+        [{"params": params[:2]}, {"params": params[2:], "exponent": -0.08, "weight_decay": 0.1}],
+        backend="cpu",
+        exponent=0.37,
+    )
+    gen = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        if i == 3:
+            opt.param_groups[1]["lr"] = 3e-3
+        opt.step(grad_scale=torch.tensor(2.0) if i == 4 else None)
+    monkeypatch.undo()
+    return params, opt, calls
+
+
+def test_steady_state_steps_run_in_cpp_and_equal_the_general_path(monkeypatch):
+    a, oa, calls = _fast_runs(monkeypatch, fast=True)
+    b, ob, _ = _fast_runs(monkeypatch, fast=False)
+    assert len(calls) == 5  # every step but the first, which builds the plan
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+        for k, v in ob.state[y].items():
+            assert torch.equal(oa.state[x][k], v), k
+
+
+def test_kept_bucket_declines_and_the_general_path_decides(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    params, opt, _ = _fast_runs(monkeypatch, fast=True, steps=2)
+    fast = opt._plan.fast
+    assert fast is not None
+
+    def snapshot():
+        return [p.detach().clone() for p in params] + [
+            t.clone() for p in params for t in opt.state[p].values()
+        ]
+
+    # a sparse grad: declined in C++ with nothing changed, then the general path's error
+    before = snapshot()
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(snapshot(), before, strict=True))
+
+    # a missing grad: declined, the general path rebuilds the plan without that param
+    params[1].grad = None
+    hypers = [smes_fused.optimizer._group_hyper(g) for g in opt.param_groups]
+    assert fast(hypers) is False
+    assert all(torch.equal(x, y) for x, y in zip(snapshot(), before, strict=True))
+    opt.step()
+    assert opt._plan.fast is not fast and opt.state[params[1]]["step"].item() == 2
+    assert opt.state[params[0]]["step"].item() == 3
+
+    # under a dispatch mode the step goes through the op, which the mode sees
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    params[1].grad = torch.zeros_like(params[1])
+    opt.step()  # the plan is rebuilt with params[1]
+    with Record():
+        opt.step()
+    assert "smes_fused.smes_step_.default" in seen
+
+
 def test_matches_fused_adamw_50_steps():
     torch.manual_seed(0)
     ps = [torch.randn(s) for s in [(127,), (64, 65), (1,)]]

@@ -65,23 +65,29 @@ class HyperTable:
                 count += 1
                 continue
             if prev is not None:
-                runs.append((count, hyper_row(prev, self.device_type)))
+                runs.append((count, prev))
             prev, count = h, 1
             tensor_lr = tensor_lr or _device_lr(h, self.device_type)
         if prev is not None:
-            runs.append((count, hyper_row(prev, self.device_type)))
-        key = tuple(runs)
+            runs.append((count, prev))
+        self.update_runs(runs)
+        self.lrs = self._lrs(hypers) if tensor_lr else []
+        return self.table
+
+    def update_runs(self, runs: list[tuple[int, Hyper]]) -> Tensor:
+        """The table of consecutive runs of (count, hyper); ``lrs`` is left to the caller."""
+        key = tuple((count, hyper_row(h, self.device_type)) for count, h in runs)
         if key != self._key or self.table is None:
-            n = len(hypers)
+            n = sum(count for count, _ in runs)
             if self.table is None or self.table.shape[0] != n:
                 self.table = torch.empty((n, len(_ops.HYPER_COLUMNS)), dtype=torch.float64)
             view = self.table.numpy()
             start = 0
-            for cnt, row in runs:
+            for cnt, row in key:
                 view[start : start + cnt] = row
                 start += cnt
             self._key = key
-        self.lrs = self._lrs(hypers) if tensor_lr else []
+        self.lrs = []
         return self.table
 
     def _lrs(self, hypers: list[Hyper]) -> list:
@@ -125,6 +131,17 @@ class CompiledBackend:
             return f"state dtype {key.state_dtype} (supported: float32 or the param dtype)"
         return None
 
+    def fast_bucket(self, bucket: Bucket, runs: list[tuple[int, int]]) -> FastBucket | None:
+        """The bucket kept in C++ for steady-state steps (CPU only, one state kind), or None.
+
+        ``runs`` are (count, group index) for the bucket's tensors in order."""
+        if self.name != "cpu" or len(bucket) == 0 or len(bucket.by_state_kind()) != 1:
+            return None
+        v = bucket.exp_avg_sqs if bucket.exp_avg_sqs[0] is not None else []
+        x = bucket.max_exp_avg_sqs if bucket.max_exp_avg_sqs[0] is not None else []
+        handle = _ops._C.plan_new(bucket.params, bucket.exp_avgs, v, x, bucket.steps)
+        return None if handle is NotImplemented else FastBucket(handle, runs)
+
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         if len(bucket) == 0:
             return
@@ -167,6 +184,40 @@ class CompiledBackend:
             from .reference import ReferenceBackend
 
             ReferenceBackend()(bucket, grad_scale=grad_scale, found_inf=found_inf)
+
+
+class FastBucket:
+    """A "cpu" bucket whose params and state are kept in C++ between steps (``_C.plan_step``):
+    a step passes the hyperparameter table, and the C++ reads every param's ``.grad`` itself,
+    with no Python per tensor. Anything unusual (a missing or sparse grad, a tensor lr, a
+    layout the flat kernel cannot walk, a dispatch mode) makes it decline, having changed
+    nothing, and the optimizer takes its general path."""
+
+    def __init__(self, handle, runs: list[tuple[int, int]]) -> None:
+        self.handle = handle
+        self.runs = runs
+        self.table = HyperTable("cpu")
+
+    def __call__(self, hypers: list[Hyper], *, grad_scale=None, found_inf=None) -> bool:
+        """One step with the param groups' ``hypers``; False if it declined."""
+        if self.handle is None:
+            return False
+        runs = [(count, hypers[gi]) for count, gi in self.runs]
+        if any(isinstance(h.lr, Tensor) for _, h in runs):
+            return False
+        table = self.table.update_runs(runs)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to("cpu", torch.float32)
+        if found_inf is not None:
+            found_inf = found_inf.to("cpu", torch.float32)
+        try:
+            done = _ops._C.plan_step(self.handle, table, grad_scale, found_inf)
+        except RuntimeError as e:
+            if "smes_fused: layout" not in str(e):
+                raise
+            self.handle = None  # the general path applies this bucket per tensor, every step
+            return False
+        return done is not NotImplemented
 
 
 register(CompiledBackend("cpu"))
