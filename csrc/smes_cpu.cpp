@@ -316,6 +316,13 @@ bool optional_tensor(PyObject* o, const at::Tensor** out) {
   return true;
 }
 
+// The table and scalar arguments of a direct call: false if one is not what the op takes.
+bool table_args(PyObject* hy, PyObject* gs, PyObject* fi, const at::Tensor** hypers,
+                const at::Tensor** grad_scale, const at::Tensor** found_inf) {
+  return optional_tensor(hy, hypers) && *hypers != nullptr && optional_tensor(gs, grad_scale) &&
+         optional_tensor(fi, found_inf);
+}
+
 // Tuples owning every list entry for the duration of a direct call (the GIL is released while
 // it runs, and a caller's list may change meanwhile).
 struct TupleArgs {
@@ -347,9 +354,7 @@ PyObject* step_direct(PyObject*, PyObject* args) {
     if (!s[k].of_python(t, none_ok)) Py_RETURN_NOTIMPLEMENTED;
   }
   const at::Tensor *hypers, *grad_scale, *found_inf;
-  if (!optional_tensor(hy, &hypers) || hypers == nullptr || !optional_tensor(gs, &grad_scale) ||
-      !optional_tensor(fi, &found_inf))
-    Py_RETURN_NOTIMPLEMENTED;
+  if (!table_args(hy, gs, fi, &hypers, &grad_scale, &found_inf)) Py_RETURN_NOTIMPLEMENTED;
   if (s[kParams].size() != 0 && !(s[kParams][0].defined() && s[kParams][0].device().is_cpu()))
     Py_RETURN_NOTIMPLEMENTED;
   {
@@ -407,18 +412,13 @@ PyObject* plan_new(PyObject*, PyObject* args) {
   PyObject* l[5];
   if (!PyArg_ParseTuple(args, "OOOOO:plan_new", &l[0], &l[1], &l[2], &l[3], &l[4])) return nullptr;
   auto plan = std::make_unique<Plan>();
+  TupleArgs owned;
+  Seq seq;
   for (int k = 0; k < 5; ++k) {
-    PyObject* fast = PySequence_Fast(l[k], "smes_fused: expected a list of tensors");
-    if (fast == nullptr) return nullptr;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject** items = PySequence_Fast_ITEMS(fast);
-    bool ok = true;
-    for (Py_ssize_t i = 0; i < n && ok; ++i) {
-      ok = THPVariable_CheckExact(items[i]) && plain(THPVariable_Unpack(items[i]));
-      if (ok) plan->lists[k].push_back(THPVariable_Unpack(items[i]));
-    }
-    Py_DECREF(fast);
-    if (!ok) Py_RETURN_NOTIMPLEMENTED;
+    PyObject* t = owned.add(l[k]);
+    if (t == nullptr) return nullptr;
+    if (!seq.of_python(t, false)) Py_RETURN_NOTIMPLEMENTED;
+    for (size_t i = 0; i < seq.size(); ++i) plan->lists[k].push_back(seq[i]);
   }
   PyObject* capsule = PyCapsule_New(plan.get(), kPlanName, plan_free);
   if (capsule != nullptr) plan.release();
@@ -438,9 +438,7 @@ PyObject* plan_step(PyObject*, PyObject* args) {
   if (plan == nullptr) return nullptr;
   if (c10::impl::dispatch_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
   const at::Tensor *hypers, *grad_scale, *found_inf;
-  if (!optional_tensor(hy, &hypers) || hypers == nullptr || !optional_tensor(gs, &grad_scale) ||
-      !optional_tensor(fi, &found_inf))
-    Py_RETURN_NOTIMPLEMENTED;
+  if (!table_args(hy, gs, fi, &hypers, &grad_scale, &found_inf)) Py_RETURN_NOTIMPLEMENTED;
   const std::vector<at::Tensor>& params = plan->lists[0];
   struct Release {  // the grads' references end with the call
     ~Release() { t_grads.clear(); }
