@@ -610,6 +610,14 @@ def test_cuda_parity(p):
         assert worst(got, state, hs) <= 1.0
 
 
+def _unit_update_row(v):
+    """θ = 0, g = 0, m = 2, the given v, no steps taken: with betas (0.5, 0.999) step 1 makes
+    m = 1 and v = 0.999 v, so with lr 1 and no decay the update is 1 / D itself."""
+    n = v.numel()
+    return [torch.zeros(n), torch.zeros(n), torch.full((n,), 2.0), v.clone(), None,
+            torch.tensor(0.0)]  # fmt: skip
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_power_accuracy(monkeypatch, isa):
     """θ = 0, lr = 1, no decay: the update is m / D itself, so the kernel's exp2/log2 are checked
@@ -623,15 +631,7 @@ def test_power_accuracy(monkeypatch, isa):
     v[:6] = torch.tensor([0.0, 1.18e-38, 1.0, 0.5, 2.0, 3.4e38])
     for p in (-0.3, -0.08, 0.1, 0.37, 1.0, 0.25, -1.0):
         h = hyper(p, lr=1.0, wd=0.0, eps=1e-30 if p < 0 else 1e-8, betas=(0.5, 0.999))
-        # g = 0: m becomes 1, v becomes 0.999 v
-        row = [
-            torch.zeros(n),
-            torch.zeros(n),
-            torch.full((n,), 2.0),
-            v.clone(),
-            None,
-            torch.tensor(0.0),
-        ]  # fmt: skip (no steps so far: this is step 1)
+        row = _unit_update_row(v)
         new = clone_state([row])
         apply("cpu", new, [h], torch.float32)
         th64, *_ = oracle_of(row, h)
@@ -654,15 +654,7 @@ def test_special_values_match_reference(monkeypatch, isa):
     v = torch.tensor([0.0, 1e-45, 1e-40, 1.0, 3e35, inf, nan, 1e-20] * 3)
     for p in (-0.3, -0.08, 0.37, 1.0, -1.0, 0.5, 0.0):
         h = hyper(p, lr=1.0, wd=0.0, eps=1e-30 if p <= 0 else 1e-8, betas=(0.5, 0.999))
-        n = v.numel()
-        row = [
-            torch.zeros(n),
-            torch.zeros(n),
-            torch.full((n,), 2.0),
-            v.clone(),
-            None,
-            torch.tensor(0.0),
-        ]  # fmt: skip (no steps so far: this is step 1)
+        row = _unit_update_row(v)
         a, b = clone_state([row]), clone_state([row])
         apply("cpu", a, [h], torch.float32)
         apply("reference", b, [h], torch.float32)
