@@ -13,10 +13,44 @@ for SMES_CUDA_ARCHS (default "80;90", plus PTX of the last one).
 """
 
 import os
+import sys
+import sysconfig
 
+import setuptools
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILDS_WHEEL = bool({"bdist_wheel", "editable_wheel"} & set(sys.argv))
+
+
+def _check_build_environment():
+    """With --no-build-isolation, pip builds with what this environment has: say what is missing
+    in words, rather than setuptools' `invalid command 'bdist_wheel'` or a silent CPU-less build."""
+    if not BUILDS_WHEEL:
+        return
+    missing = []
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        major, minor = (int(x) for x in setuptools.__version__.split(".")[:2])
+        if (major, minor) < (70, 1):  # bdist_wheel moved into setuptools in 70.1
+            missing.append(f"wheel (or setuptools >= 70.1; this one is {setuptools.__version__})")
+    if os.environ.get("SMES_BUILD_EXT", "1") != "0":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            missing.append("torch (the C++ extension is built against the torch installed here)")
+    if missing:
+        sys.exit(
+            "smes-fused: building without build isolation needs, in this environment: "
+            + "; ".join(missing)
+            + ". Install them first: `pip install -r requirements.txt` (or `pip install "
+            "torch==2.13.0 ninja setuptools wheel`), then `pip install --no-build-isolation -e .`"
+            ". SMES_BUILD_EXT=0 installs the pure-Python package without torch at build time."
+        )
+
+
+_check_build_environment()
 
 
 def _ext_modules():
@@ -60,8 +94,19 @@ def _ext_modules():
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
         )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """pip builds in a new temporary folder each time, so every reinstall (the README's two
+        commands, one after the other) would compile everything again: keep ninja's objects in
+        build/, per platform, Python and torch, and recompile only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            py = sys.implementation.cache_tag
+            tag = f"{sysconfig.get_platform()}-{py}-torch{torch.__version__}"
+            self.build_temp = os.path.join(HERE, "build", f"temp.{tag}")
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _ext_modules()

@@ -17,7 +17,9 @@ it, else torch foreach adds), on GPU a device-to-device copy.
 
 Bytes per parameter (for GB/s): 28 for float32 AdamW and SMES (read param, grad, m, v; write
 param, m, v), 20 for SMES at p = 0 (v is not used), and what the roofline itself moves.
-Writes bench_<device>.csv and bench_<device>.png (suffixed _quick or _full in those modes).
+Writes bench_<device>.csv and bench_<device>.png (suffixed _quick or _full in those modes) into
+--out: runs/bench/ by default, which git ignores; the committed results/ are regenerated only
+on purpose, with --out results.
 """
 
 from __future__ import annotations
@@ -109,7 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
-        "--out", default="results", help="directory for the CSV and PNG (default: results)"
+        "--out",
+        default=os.path.join("runs", "bench"),
+        help="directory for the CSV and PNG (default: runs/bench/, git-ignored; the committed "
+        "results/ were written with --out results, on purpose)",
     )
     args = p.parse_args(argv)
     for name in ("repeats", "warmup"):

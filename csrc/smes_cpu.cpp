@@ -366,6 +366,87 @@ PyObject* step_direct(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// first_bad_grad(params, grads): the index of the first grad (None entries skipped) whose layout
+// is not strided or whose shape, dtype or device differs from its param's; -1 if there is none.
+// The optimizer checks every step's grads with it (~20 ns a pair) and lets Python word the error.
+PyObject* first_bad_grad(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *pl, *gl;
+  if (!PyArg_ParseTuple(args, "OO:first_bad_grad", &pl, &gl)) return nullptr;
+  TupleArgs owned;
+  PyObject* ps = owned.add(pl);
+  if (ps == nullptr) return nullptr;
+  PyObject* gs = owned.add(gl);
+  if (gs == nullptr) return nullptr;
+  const Py_ssize_t n = PyTuple_GET_SIZE(ps);
+  if (PyTuple_GET_SIZE(gs) != n) {
+    PyErr_SetString(PyExc_ValueError, "first_bad_grad: params and grads differ in length");
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* go = PyTuple_GET_ITEM(gs, i);
+    if (go == Py_None) continue;
+    PyObject* po = PyTuple_GET_ITEM(ps, i);
+    if (!THPVariable_Check(po) || !THPVariable_Check(go)) return PyLong_FromSsize_t(i);
+    const at::Tensor& p = THPVariable_Unpack(po);
+    const at::Tensor& g = THPVariable_Unpack(go);
+    if (g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
+        g.device() != p.device() || g.sym_sizes() != p.sym_sizes())
+      return PyLong_FromSsize_t(i);
+  }
+  return PyLong_FromLong(-1);
+  END_HANDLE_TH_ERRORS
+}
+
+// state_matches(state, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps): whether
+// state[params[i]] is still a dict holding exactly these tensor objects under torch's names (the
+// optional lists are empty or full). The optimizer's cached plan holds its state tensors between
+// steps; this tells it, ~100 ns a param, whether someone replaced them by hand since (torch's
+// optimizers read the state every step, so such an edit must take effect).
+PyObject* state_matches(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *state, *l[5];
+  if (!PyArg_ParseTuple(args, "OOOOOO:state_matches", &state, &l[0], &l[1], &l[2], &l[3], &l[4]))
+    return nullptr;
+  if (!PyDict_Check(state)) Py_RETURN_FALSE;
+  static PyObject* names[4] = {PyUnicode_InternFromString("exp_avg"),
+                               PyUnicode_InternFromString("exp_avg_sq"),
+                               PyUnicode_InternFromString("max_exp_avg_sq"),
+                               PyUnicode_InternFromString("step")};
+  PyObject* fast[5] = {};
+  struct Release {
+    PyObject** f;
+    ~Release() {
+      for (int k = 0; k < 5; ++k) Py_XDECREF(f[k]);
+    }
+  } release{fast};
+  for (int k = 0; k < 5; ++k) {
+    fast[k] = PySequence_Fast(l[k], "state_matches takes sequences");
+    if (fast[k] == nullptr) return nullptr;
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast[0]);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* d = PyDict_GetItemWithError(state, PySequence_Fast_GET_ITEM(fast[0], i));
+    if (d == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_FALSE;
+    }
+    if (!PyDict_Check(d)) Py_RETURN_FALSE;
+    for (int k = 0; k < 4; ++k) {
+      PyObject* want = PySequence_Fast_GET_SIZE(fast[k + 1]) == 0
+                           ? nullptr
+                           : PySequence_Fast_GET_ITEM(fast[k + 1], i);
+      PyObject* have = PyDict_GetItemWithError(d, names[k]);
+      if (have == nullptr && PyErr_Occurred()) return nullptr;
+      const bool ok = (want != nullptr && want != Py_None) ? have == want
+                                                           : (have == nullptr || have == Py_None);
+      if (!ok) Py_RETURN_FALSE;
+    }
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* roofline_direct(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* l[4];
@@ -445,8 +526,12 @@ PyObject* plan_step(PyObject*, PyObject* args) {
   } release;
   t_grads.resize(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& g = params[i].grad();
-    if (!g.defined() || g.layout() != at::kStrided || !plain(g)) Py_RETURN_NOTIMPLEMENTED;
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = p.grad();
+    // A grad that does not fit its param: the general path says what is wrong (SPEC §5).
+    if (!g.defined() || g.layout() != at::kStrided || !plain(g) ||
+        g.scalar_type() != p.scalar_type() || g.device() != p.device() || g.sizes() != p.sizes())
+      Py_RETURN_NOTIMPLEMENTED;
     t_grads[i] = g;
   }
   Seq* s = t_seqs;
@@ -502,6 +587,10 @@ static PyMethodDef smes_methods[] = {
     {"has_cuda", smes_has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"step_direct", smes::cpu::step_direct, METH_VARARGS,
      "smes_step_ on plain CPU tensors without the dispatcher; NotImplemented when it cannot."},
+    {"first_bad_grad", smes::cpu::first_bad_grad, METH_VARARGS,
+     "Index of the first grad whose layout, shape, dtype or device differs from its param's."},
+    {"state_matches", smes::cpu::state_matches, METH_VARARGS,
+     "Whether optimizer state still holds exactly the given tensor objects."},
     {"plan_new", smes::cpu::plan_new, METH_VARARGS,
      "A bucket's params and state kept in C++ (a capsule); NotImplemented when it cannot."},
     {"plan_step", smes::cpu::plan_step, METH_VARARGS,

@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from itertools import chain, groupby
+from collections import OrderedDict
+from itertools import groupby
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import functional
+from . import _ops, functional
 from ._bucket import Bucket, BucketKey
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def lr_for_exponent(exponent: float, adamw_lr: float = 1e-3, typical_grad: float = 1e-2) -> float:
+    r"""A learning rate for ``SMES(exponent=p)`` from the one that works for AdamW.
+
+    The SMES step scales like :math:`\eta\,|g|^{1-2p}`: at p = 0.5 its size is about η whatever
+    the gradient (AdamW), at p = 0 it is η·|g| (SGD), and at p < 0 it shrinks faster than |g|.
+    So the same lr cannot serve every p. This rule keeps the step of a gradient entry of size
+    ``typical_grad`` equal to AdamW's at ``adamw_lr``:
+
+    .. math:: \eta(p) = \eta_{\text{AdamW}} \cdot g_{\text{typ}}^{\,2p - 1}
+
+    that is, log-linear in p between ``adamw_lr`` at p = 0.5 and ``adamw_lr / typical_grad`` at
+    p = 0 (an SGD-scale lr: with β1 = 0.9 it is torch SGD's ``lr·(1−β1)`` with momentum 0.9).
+    With the defaults: 1e-3 at p = 0.5, 0.1 at p = 0, 0.21 at p = −0.08. It is a starting point
+    for a sweep (``python -m smes_fused.sweep`` searches ×¼ … ×4 around it), not a tuned value.
+    """
+    if not typical_grad > 0 or not adamw_lr > 0:
+        raise ValueError(
+            f"lr_for_exponent needs adamw_lr > 0 and typical_grad > 0, got {adamw_lr}, "
+            f"{typical_grad}"
+        )
+    return adamw_lr * typical_grad ** (2.0 * exponent - 1.0)
 
 
 class SMES(Optimizer):
@@ -37,6 +62,9 @@ class SMES(Optimizer):
     ``decoupled_weight_decay=False``, :class:`torch.optim.Adam`); ``p = 0`` with
     ``bias_correction=False`` is ``torch.optim.SGD(lr=η(1−β1), momentum=β1)``; ``p < 0`` tilts
     training toward generalisation (Balance theory, the paper in README).
+
+    The step scales like ``lr·|g|^(1−2p)``, so an lr tuned for AdamW is far too small at p ≤ 0:
+    :func:`lr_for_exponent` converts it (e.g. 1e-3 at p = 0.5 → 0.21 at p = −0.08).
 
     Args:
         params: parameters or param groups.
@@ -104,20 +132,58 @@ class SMES(Optimizer):
         )
         super().__init__(params, defaults)
 
+    # ---------------------------------------------------------------- pickling and deepcopy
+
+    def __getstate__(self) -> dict:
+        # torch's base class keeps defaults, state and param_groups; the backend is ours. The
+        # cached plan (and its C++ handle) is rebuilt by the copy's first step.
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "backend" not in self.__dict__:  # a pickle from before the backend was kept
+            self.backend = "auto"
+
     # ---------------------------------------------------------------- groups and validation
 
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         group = dict(param_group)
+        # Normalised once, here: a generator (model.parameters()) is consumed exactly once and
+        # torch's base class receives the list.
+        params = group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be an ordered collection (a list, a tuple or a "
+                "generator), not a set: the order of a set changes between runs"
+            )
+        group["params"] = params = list(params)
         for k, v in self.defaults.items():
             group.setdefault(k, v)
         if group["track_second_moment"] is None:
             group["track_second_moment"] = group["exponent"] != 0
         _group_hyper(group)
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        for p in params:
-            if isinstance(p, Tensor):
-                functional.check_param(p)
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (name, param) pairs
+        seen: dict[int, int] = {}
+        for i, p in enumerate(tensors):
+            if not isinstance(p, Tensor):
+                continue  # torch's base class raises its TypeError
+            j = seen.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(
+                    f"param group {len(self.param_groups)} contains the same parameter (shape "
+                    f"{tuple(p.shape)}) more than once, at positions {j} and {i}: pass each "
+                    "parameter once (a parameter updated twice per step would be a data race "
+                    "in the fused kernels)"
+                )
+            functional.check_param(p)
+        # An explicit backend that cannot run these params says so now, not at the first step.
+        keys = {BucketKey(p.device, p.dtype, self._state_dtype(group, p)) for p in tensors
+                if isinstance(p, Tensor)}  # fmt: skip
+        functional.resolve(keys, self.backend)
         super().add_param_group(group)
 
     @staticmethod
@@ -142,10 +208,14 @@ class SMES(Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        grad_scale = functional.scalar_tensor("grad_scale", grad_scale)
+        found_inf = functional.scalar_tensor("found_inf", found_inf)
 
         # Nothing is mutated until everything is validated and every bucket has a backend.
         hypers = [_group_hyper(group) for group in self.param_groups]
         plan = getattr(self, "_plan", None)
+        if plan is not None and not plan.state_intact(self):
+            plan = None  # state replaced by hand: the step reads it afresh, as torch's do
         if (
             plan is not None
             and plan.fast is not None
@@ -187,8 +257,57 @@ class SMES(Optimizer):
         """Load an SMES, AdamW or Adam state_dict without ever downcasting state.
 
         Keys an AdamW/Adam checkpoint lacks (``exponent``, ...) keep this optimizer's values, so
-        an AdamW checkpoint continues as AdamW would in ``SMES(exponent=0.5)``.
+        an AdamW checkpoint continues as AdamW would in ``SMES(exponent=0.5)``. Checkpoints
+        whose ``step`` is a Python number (torch < 1.12) load too. Everything is checked before
+        anything changes: another optimizer's state dict, a state without ``step`` or
+        ``exp_avg``, wrong shapes, or state this optimizer's backend cannot run raise an error.
+
+        Load-state-dict pre-hooks run first, as in torch, and what they return is what is
+        loaded; post-hooks run last, on the loaded state.
         """
+        state_dict = state_dict.copy()  # shallow, as torch does
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        for hook in pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, kept = self._check_loaded(state_dict)
+
+        # torch's base class maps saved ids to params and installs groups and state. The hooks
+        # above already ran, and the post-hooks must see the state after the dtype pass below.
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        self._state_version = getattr(self, "_state_version", 0) + 1
+
+        # torch's base class casts state to the param's dtype (bf16 params -> bf16 state):
+        # redo it from the same loaded tensors, never narrowing them; steps become float32
+        # tensors (a Python number in a torch < 1.12 checkpoint too).
+        for p, (saved, dtype) in kept.items():
+            state = self.state[p]
+            for name in _STATE_KEYS:
+                t = saved.get(name)
+                if t is not None:
+                    state[name] = t.to(device=p.device, dtype=dtype, copy=True)
+            step = saved["step"]
+            state["step"] = (
+                step.detach().to(torch.float32, copy=True).reshape(())
+                if torch.is_tensor(step)
+                else torch.tensor(float(step), dtype=torch.float32)
+            )
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _check_loaded(self, state_dict: dict) -> tuple[list[dict], dict]:
+        """The param groups to install and, per param with state, (saved state, state dtype);
+        raises (having changed nothing) when the state dict does not fit this optimizer."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("a state dict has the keys 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -196,7 +315,18 @@ class SMES(Optimizer):
                 f"this optimizer has {len(self.param_groups)}"
             )
         groups = []
-        for saved, cur in zip(saved_groups, self.param_groups):
+        for i, (saved, cur) in enumerate(zip(saved_groups, self.param_groups)):
+            missing = [k for k in ("betas", "eps") if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"param group {i} of the loaded state dict has no {missing}: it is not a "
+                    f"state dict of SMES, AdamW or Adam (its keys: {sorted(saved)})"
+                )
+            if len(saved["params"]) != len(cur["params"]):
+                raise ValueError(
+                    f"param group {i} of the loaded state dict has {len(saved['params'])} "
+                    f"params, this optimizer's has {len(cur['params'])}"
+                )
             g = dict(saved)
             for k, v in cur.items():
                 if k not in g and k != "params":
@@ -206,53 +336,71 @@ class SMES(Optimizer):
             _group_hyper(g)
             groups.append(g)
 
-        # Saved id -> param, as torch's load_state_dict maps them.
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in saved_groups),
-                chain.from_iterable(g["params"] for g in self.param_groups),
+        # Saved id -> (param, its new group), as torch's load_state_dict maps them.
+        id_map = {
+            k: (p, g)
+            for saved, cur, g in zip(saved_groups, self.param_groups, groups)
+            for k, p in zip(saved["params"], cur["params"])
+        }
+        kept: dict = {}
+        keys = set()
+        for k, st in state_dict["state"].items():
+            if k not in id_map:
+                continue
+            p, g = id_map[k]
+            where = f"the loaded state of parameter {k} (shape {tuple(p.shape)})"
+            if not isinstance(st, dict):
+                raise ValueError(f"{where} is a {type(st).__name__}, not a dict")
+            if not st:
+                continue
+            need = ["step", "exp_avg"]
+            if g["track_second_moment"]:
+                need.append("exp_avg_sq")
+                if g["amsgrad"]:
+                    need.append("max_exp_avg_sq")
+            missing = [n for n in need if n not in st]
+            if missing:
+                raise ValueError(
+                    f"{where} has no {missing} (its keys: {sorted(st)}): it is not the state "
+                    "of SMES, AdamW or Adam with these settings"
+                )
+            step = st["step"]
+            ok = (torch.is_tensor(step) and step.numel() == 1 and not step.is_complex()) or (
+                isinstance(step, (int, float)) and not isinstance(step, bool)
             )
-        )
-        saved_state = state_dict["state"]
-        for k, st in saved_state.items():
-            p = id_map.get(k)
-            if p is None:
-                continue
+            if not ok or not (math.isfinite(float(step)) and float(step) >= 0):
+                raise ValueError(
+                    f"{where} has step {step!r}; expected a non-negative number or 1-element tensor"
+                )
+            dtype = self._state_dtype(g, p)
             for name in _STATE_KEYS:
                 t = st.get(name)
-                if t is not None and tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"loaded state {name!r} of shape {tuple(t.shape)} does not match its "
-                        f"parameter's shape {tuple(p.shape)}"
-                    )
-
-        super().load_state_dict({"state": saved_state, "param_groups": groups})
-        self._state_version = getattr(self, "_state_version", 0) + 1
-
-        # torch's base class casts state to the param's dtype (bf16 params -> bf16 state):
-        # redo it from the loaded tensors, never narrowing them.
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
-        for k, st in saved_state.items():
-            p = id_map.get(k)
-            if p is None:
-                continue
-            want = self._state_dtype(group_of[p], p)
-            state = self.state[p]
-            for name in _STATE_KEYS:
-                t = st.get(name)
-                if t is None or not torch.is_tensor(t):
+                if t is None:
                     continue
-                dt = want
-                if t.dtype.is_floating_point and _wider(t.dtype, want):
+                if not torch.is_tensor(t) or not t.is_floating_point():
+                    raise ValueError(f"{where}: {name} must be a floating-point tensor, got {t!r}")
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{where}: {name} has shape {tuple(t.shape)}, which does not match its "
+                        "parameter's"
+                    )
+                if _wider(t.dtype, dtype):
                     warnings.warn(
                         f"loaded {name} is {t.dtype}, wider than this optimizer's state dtype "
-                        f"{want}; keeping {t.dtype} rather than downcasting",
-                        stacklevel=2,
+                        f"{dtype}; keeping {t.dtype} rather than downcasting",
+                        stacklevel=3,
                     )
-                    dt = t.dtype
-                state[name] = t.to(device=p.device, dtype=dt, copy=True)
-            if "step" in st and torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].to(torch.float32)
+                    dtype = t.dtype
+            kept[p] = (st, dtype)
+            keys.add(BucketKey(p.device, p.dtype, dtype))
+        try:
+            functional.resolve(keys, self.backend)
+        except RuntimeError as e:
+            raise ValueError(
+                f"the loaded state cannot be stepped by this optimizer: {e}. Load it into an "
+                "optimizer with backend='foreach', or cast the checkpoint's state tensors first"
+            ) from None
+        return groups, kept
 
 
 def _wider(a: torch.dtype, b: torch.dtype) -> bool:
@@ -312,8 +460,9 @@ class _Plan:
     groups' structure, the set of params with gradients, the backend or the state changes. On
     the other steps only the gradients (new tensors after ``zero_grad()``) and the hyperparameter
     values (lr schedules) are refreshed: a few list operations per tensor. Gradients of the
-    wrong shape, dtype or device cannot be assigned to ``.grad`` (autograd refuses them) and the
-    fused kernels check them again before writing; sparse gradients are checked here.
+    wrong shape, dtype or device are rarely seen (autograd refuses to assign them to ``.grad``,
+    but ``.grad.data`` and in-place resizes get through): :meth:`refresh` checks every step's
+    gradients against their params (in C++, ~20 ns a pair) before anything is written.
 
     A single bucket on the "cpu" backend is also kept in C++ (``fast``, see
     ``CompiledBackend.fast_bucket``): while the signature holds and no param without a gradient
@@ -366,7 +515,7 @@ class _Plan:
             self.group_of.setdefault(key, []).append(gi)
         self.has_grad = [g is not None for g in grads]
         self.signature = _signature(opt, hypers)
-        params = [p for group in groups for p in group["params"]]
+        self.params = params = [p for group in groups for p in group["params"]]
         self.without_grad = [p for p, g in zip(params, grads) if g is None]
         # One bucket on the "cpu" backend (the usual case): kept in C++, whose steps read the
         # grads themselves (see CompiledBackend.fast_bucket).
@@ -377,6 +526,16 @@ class _Plan:
             if make is not None:
                 runs = [(len(list(run)), gi) for gi, run in groupby(self.group_of[key])]
                 self.fast = make(bucket, runs)
+
+    def state_intact(self, opt: SMES) -> bool:
+        """Whether ``opt.state`` still holds the tensors the buckets hold (an edit by hand, such
+        as ``opt.state[p] = {}`` or a new ``exp_avg``, must take effect at the next step)."""
+        return all(
+            _ops.state_matches(
+                opt.state, b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps
+            )
+            for b in self.buckets.values()
+        )
 
     def fits(self, opt: SMES, hypers: list, grads: list) -> bool:
         return [g is not None for g in grads] == self.has_grad and _signature(
@@ -391,11 +550,7 @@ class _Plan:
         )
 
     def refresh(self, hypers: list, grads: list) -> None:
-        for g in grads:
-            if g is not None and g.layout is not torch.strided:
-                raise RuntimeError(
-                    f"SMES does not support sparse gradients (got layout {g.layout})"
-                )
+        functional.check_grads(self.params, grads)  # every step, before anything is written
         for key, b in self.buckets.items():
             index, group_of = self.index[key], self.group_of[key]
             # One bucket of every gradient (the usual case): the list itself.

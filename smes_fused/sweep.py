@@ -41,7 +41,8 @@ Learning rate per exponent
     accuracy over seeds is kept; the test set plays no part in the choice. Every run of the grid
     is in ``<tag>_runs.csv``; the selected ones in ``<tag>.csv``.
 
-Outputs (in ``--out``, default ``results/``; file names start with ``--tag``, default ``sweep``)
+Outputs (in ``--out``, default ``runs/sweep/``, which git ignores; file names start with ``--tag``,
+default ``sweep``)
     ``sweep.csv``          one row per (p, seed) at the selected lr: metrics + ratio_<layer>
     ``sweep_runs.csv``     every run of the lr grid (same columns)
     ``sweep_epochs.csv``   per epoch of every run: running train loss/acc, val acc, ratios
@@ -72,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optimizer import SMES
+from .optimizer import SMES, lr_for_exponent
 
 DEFAULT_EXPONENTS = (-0.3, -0.2, -0.1, -0.08, 0.0, 0.1, 0.25, 0.5)
 DEFAULT_LR_MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -367,8 +368,9 @@ class Config:
 
 
 def centre_lr(p: float, lr0: float, lr_half: float) -> float:
-    """Log-linear interpolation: lr0 at p = 0, lr_half at p = 0.5 (extrapolated elsewhere)."""
-    return lr0 * (lr_half / lr0) ** (2.0 * p)
+    """Log-linear interpolation: lr0 at p = 0, lr_half at p = 0.5 (extrapolated elsewhere);
+    :func:`smes_fused.lr_for_exponent` with ``typical_grad = lr_half / lr0``."""
+    return lr_for_exponent(p, adamw_lr=lr_half, typical_grad=lr_half / lr0)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -772,7 +774,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=min(2, os.cpu_count() or 1),
         help="parallel worker processes (default min(2, cores)); 1 runs in-process",
     )
-    ap.add_argument("--out", default="results", help="output folder (default results/)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join("runs", "sweep"),
+        help="output folder (default runs/sweep/, git-ignored; the committed figures were made "
+        "with --out results)",
+    )
     ap.add_argument("--tag", default="sweep", help="output file prefix (default sweep)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(

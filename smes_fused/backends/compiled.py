@@ -100,6 +100,34 @@ class HyperTable:
         return out
 
 
+def _why_no_cuda_kernels() -> str:
+    """Which of setup.py's conditions for building the CUDA kernels fails in this environment,
+    and what to do about it."""
+    head = "smes_fused._C was built without its CUDA kernels: "
+    if not torch.version.cuda:
+        return head + (
+            f"this torch ({torch.__version__}) is a CPU-only build, so no rebuild can add them; "
+            "install a CUDA build of torch, then rebuild with "
+            f"`{_ops.BUILD_COMMAND}` (nvcc must be installed)"
+        )
+    import os
+
+    if os.environ.get("SMES_BUILD_CUDA", "1") == "0":
+        return head + f"SMES_BUILD_CUDA=0 is set; unset it and rebuild with `{_ops.BUILD_COMMAND}`"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return head + (
+            "nvcc was not found (CUDA_HOME is unset and no nvcc is on PATH); install the CUDA "
+            f"toolkit matching torch's CUDA {torch.version.cuda}, set CUDA_HOME, then rebuild "
+            f"with `{_ops.BUILD_COMMAND}`"
+        )
+    return head + (
+        f"torch is a CUDA build and nvcc is at {CUDA_HOME}, so it was built before they were "
+        f"installed: rebuild with `{_ops.BUILD_COMMAND}`"
+    )
+
+
 class CompiledBackend:
     """The op's CPU or CUDA implementation, for buckets of that device type."""
 
@@ -113,11 +141,9 @@ class CompiledBackend:
     def unavailable(self) -> str | None:
         why = _ops.unavailable_reason()
         if why is None and self.name == "cuda" and not _ops.has_cuda_kernels():
-            why = (
-                "smes_fused._C was built without its CUDA kernels (it needs a CUDA build of torch "
-                "and nvcc/CUDA_HOME at build time, and SMES_BUILD_CUDA not 0); rebuild with "
-                f"`{_ops.BUILD_COMMAND}`"
-            )
+            why = _why_no_cuda_kernels()
+        if why is None and self.name == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device is visible (torch.cuda.is_available() is False)"
         return why
 
     def cannot_run(self, key: BucketKey) -> str | None:

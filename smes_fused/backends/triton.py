@@ -36,6 +36,13 @@ def _kernels_mode() -> bool | None:
     return None if mod is None else mod.INTERPRET
 
 
+def _interpreting() -> bool:
+    """Whether the kernels run under the interpreter: their mode is fixed when they are first
+    imported; before that, the knob decides."""
+    loaded = _kernels_mode()
+    return _interpret() if loaded is None else loaded
+
+
 class TritonBackend:
     name = "triton"
     steps_on_device = True
@@ -48,6 +55,12 @@ class TritonBackend:
             import triton.language  # noqa: F401
         except Exception as e:  # a broken install
             return f"Triton failed to import: {type(e).__name__}: {e}"
+        if not torch.cuda.is_available() and not _interpreting():
+            return (
+                "no CUDA device is visible (torch.cuda.is_available() is False): the Triton "
+                "kernel runs on CUDA GPUs (on CPU only under Triton's interpreter, "
+                "TRITON_INTERPRET=1, which is meant for tests)"
+            )
         return None
 
     def cannot_run(self, key: BucketKey) -> str | None:
@@ -55,9 +68,7 @@ class TritonBackend:
             return f"params of {key.param_dtype} (supported: float32, bfloat16, float16)"
         if key.state_dtype not in (torch.float32, key.param_dtype):
             return f"state of {key.state_dtype} (supported: float32 or the params' dtype)"
-        # The kernels' mode is fixed when they are first imported; before that, the knob decides.
-        loaded = _kernels_mode()
-        interp = _interpret() if loaded is None else loaded
+        interp = _interpreting()
         if key.device.type == "cuda":
             if interp:
                 return (
