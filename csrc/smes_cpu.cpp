@@ -178,6 +178,8 @@ void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const
     t_steps[i] = step;
     double lr = h[kLr];
     if (lrs.size() != 0 && lrs[i].defined()) lr = scalar_value(lrs[i]);
+    TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "Invalid learning rate: ", lr, " for tensor ", i,
+                "; expected a finite lr >= 0");
     j.numel = p.numel();
     j.code = code;
     j.pdt = pdt;

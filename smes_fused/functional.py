@@ -66,6 +66,12 @@ def check_hyper(
             value = float(lr)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Invalid learning rate: {value}; expected lr >= 0")
+    elif torch.compiler.is_compiling():
+        # Under torch.compile a float lr that a scheduler changes every step stays symbolic:
+        # any test of its value (float(), math.isfinite, even `lr < 0`) would specialise the
+        # graph on it, a recompile per step. The compiled kernels check its value instead.
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise TypeError(f"Invalid lr: {lr!r}; expected a real number")
     else:
         lr = _real("lr", lr)
         if lr < 0:
@@ -178,7 +184,10 @@ def make_hyper(
     return Hyper(
         # A tensor lr of any shape with one element ([], [1], [1, 1]) is read through a 0-d view,
         # so a scheduler's in-place update of the group's tensor is seen.
-        lr=lr.view(()) if isinstance(lr, Tensor) else float(lr),
+        # Under torch.compile a float lr is kept as dynamo passes it (see check_hyper).
+        lr=lr.view(())
+        if isinstance(lr, Tensor)
+        else (lr if torch.compiler.is_compiling() else float(lr)),
         beta1=float(betas[0]),
         beta2=float(betas[1]),
         eps=float(eps),

@@ -15,6 +15,11 @@ from . import _ops, functional
 from ._bucket import Bucket, BucketKey
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+try:  # DTensor params (FSDP2, tensor parallel) are stepped through their local shards
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = None
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
@@ -85,12 +90,14 @@ class SMES(Optimizer):
             the step can be captured in a CUDA graph.
         backend: ``"auto"`` (default), ``"reference"``, ``"foreach"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"``; see README "Backends".
+        amp_unscale: who unscales the grads under ``torch.amp.GradScaler``: ``"step"``
+            (default: the step takes ``grad_scale``/``found_inf`` and unscales in the kernel, as
+            torch's fused optimizers do) or ``"scaler"`` (the scaler unscales first, as for
+            foreach AdamW: what Lightning needs to clip gradients under mixed precision).
 
     ``step(closure=None, *, grad_scale=None, found_inf=None)`` accepts the unscale factor and
     inf flag of :class:`torch.amp.GradScaler`, which passes them automatically.
     """
-
-    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -109,9 +116,13 @@ class SMES(Optimizer):
         state_dtype: torch.dtype | str | None = None,
         capturable: bool = False,
         backend: str = "auto",
+        amp_unscale: str = "step",
     ):
         functional.check_backend_name(backend)
+        if amp_unscale not in ("step", "scaler"):
+            raise ValueError(f"Invalid amp_unscale: {amp_unscale!r}; expected 'step' or 'scaler'")
         self.backend = backend
+        self.amp_unscale = amp_unscale
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -132,17 +143,28 @@ class SMES(Optimizer):
         )
         super().__init__(params, defaults)
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by torch.amp.GradScaler (and Lightning): True hands the step ``grad_scale`` and
+        ``found_inf`` (unscaled inside the kernel, no host sync); False lets the scaler unscale
+        the grads itself first (``amp_unscale="scaler"``), as for foreach AdamW."""
+        return self.amp_unscale == "step"
+
     # ---------------------------------------------------------------- pickling and deepcopy
 
     def __getstate__(self) -> dict:
-        # torch's base class keeps defaults, state and param_groups; the backend is ours. The
-        # cached plan (and its C++ handle) is rebuilt by the copy's first step.
-        return {**super().__getstate__(), "backend": self.backend}
+        # torch's base class keeps defaults, state and param_groups; the backend and the AMP
+        # mode are ours. The cached plan (and its C++ handle) is rebuilt by the copy's first step.
+        return {
+            **super().__getstate__(),
+            "backend": self.backend,
+            "amp_unscale": self.amp_unscale,
+        }
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if "backend" not in self.__dict__:  # a pickle from before the backend was kept
-            self.backend = "auto"
+        self.__dict__.setdefault("backend", "auto")  # pickles from before these were kept
+        self.__dict__.setdefault("amp_unscale", "step")
 
     # ---------------------------------------------------------------- groups and validation
 
@@ -403,6 +425,26 @@ class SMES(Optimizer):
         return groups, kept
 
 
+def _is_dtensor(t) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t):
+    """A DTensor's local shard (the same memory), any other value as it is."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _local_grad(p: Tensor, g: Tensor) -> Tensor:
+    """The local shard of a DTensor param's grad, laid out as the param is: a grad with other
+    placements (a Partial sum, say) is redistributed first, as DTensor's own pointwise ops
+    would."""
+    if not _is_dtensor(p):
+        return g
+    if g.placements != p.placements:
+        g = g.redistribute(p.device_mesh, p.placements)
+    return g.to_local()
+
+
 def _wider(a: torch.dtype, b: torch.dtype) -> bool:
     return torch.finfo(a).bits > torch.finfo(b).bits or (a == torch.float32 and b in _SIXTEEN_BIT)
 
@@ -481,7 +523,7 @@ class _Plan:
                 if g is not None:
                     functional.check_grad(p, g)
                     state = opt.state.get(p)
-                    if state:
+                    if state and "exp_avg" in state:
                         _check_state(p, state)
                         sdt = state["exp_avg"].dtype
                     else:
@@ -491,8 +533,13 @@ class _Plan:
                 flat += 1
         self.backends = functional.resolve(keys, opt.backend)
 
-        # Validated: create missing state and fill the buckets.
+        # Validated: create missing state and fill the buckets. DTensor params (FSDP2, tensor
+        # parallel) and their state are entered as their local shards: the rule is elementwise,
+        # so every backend updates what this rank holds, in place, while opt.state keeps the
+        # DTensors (distributed checkpoints read them). ``refs`` holds what opt.state holds.
+        self.dtensor = any(_is_dtensor(p) for _, p, _, _ in todo)
         self.buckets: dict[BucketKey, Bucket] = {}
+        self.refs: dict[BucketKey, Bucket] = {}
         self.index: dict[BucketKey, list[int]] = {}  # flat param index per bucket tensor
         self.group_of: dict[BucketKey, list[int]] = {}  # group index per bucket tensor
         for i, p, gi, sdt in todo:
@@ -501,8 +548,7 @@ class _Plan:
             on_device = group["capturable"] or self.backends[key].steps_on_device
             state = opt.state[p]
             opt._init_state(p, state, group, sdt, on_device)
-            functional.add_to_buckets(
-                self.buckets,
+            entry = (
                 p,
                 grads[i],
                 state["exp_avg"],
@@ -511,6 +557,10 @@ class _Plan:
                 state["step"],
                 h,
             )
+            functional.add_to_buckets(self.refs, *entry)
+            if self.dtensor:
+                entry = (_local(p), _local_grad(p, grads[i]), *map(_local, entry[2:6]), h)
+            functional.add_to_buckets(self.buckets, *entry)
             self.index.setdefault(key, []).append(i)
             self.group_of.setdefault(key, []).append(gi)
         self.has_grad = [g is not None for g in grads]
@@ -520,7 +570,7 @@ class _Plan:
         # One bucket on the "cpu" backend (the usual case): kept in C++, whose steps read the
         # grads themselves (see CompiledBackend.fast_bucket).
         self.fast = None
-        if len(self.buckets) == 1 and not torch.compiler.is_compiling():
+        if len(self.buckets) == 1 and not self.dtensor and not torch.compiler.is_compiling():
             key, bucket = next(iter(self.buckets.items()))
             make = getattr(self.backends[key], "fast_bucket", None)
             if make is not None:
@@ -534,7 +584,7 @@ class _Plan:
             _ops.state_matches(
                 opt.state, b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps
             )
-            for b in self.buckets.values()
+            for b in self.refs.values()
         )
 
     def fits(self, opt: SMES, hypers: list, grads: list) -> bool:
@@ -551,6 +601,8 @@ class _Plan:
 
     def refresh(self, hypers: list, grads: list) -> None:
         functional.check_grads(self.params, grads)  # every step, before anything is written
+        if self.dtensor:
+            grads = [None if g is None else _local_grad(p, g) for p, g in zip(self.params, grads)]
         for key, b in self.buckets.items():
             index, group_of = self.index[key], self.group_of[key]
             # One bucket of every gradient (the usual case): the list itself.

@@ -49,3 +49,52 @@ def test_compiled_training_step_matches_eager(groups):
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert o1.state[p].keys() == o2.state[q].keys()
         assert o2.state[q]["step"].item() == 4
+
+
+_RECOMPILE_SCRIPT = r"""
+import json, sys, torch
+import smes_fused  # a fresh process: the first compiled step must not break on imports
+from torch._dynamo.utils import counters
+
+out = {}
+for name in sys.argv[1:]:
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    ps = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    if name == "adamw":
+        opt = torch.optim.AdamW(ps, lr=0.1)
+    else:
+        opt = smes_fused.SMES(ps, lr=0.1, exponent=-0.08, backend=name)
+    # fullgraph: any graph break (an import, a .item(), an unknown C call) is an error
+    step = torch.compile(opt.step, fullgraph=name != "adamw")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    for i in range(8):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        step()
+        sched.step()  # a new float lr every step
+    out[name] = counters["stats"]["unique_graphs"]
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_float_lr_schedule_costs_no_more_recompiles_than_adamw():
+    """Issue 13: a float lr changed every step by a scheduler recompiled SMES's step on every
+    step (a guard on the value written into the hyperparameter table); and the first compiled
+    step of a fresh process broke the graph at the backend registry's import."""
+    import json
+    import subprocess
+    import sys
+
+    names = ["adamw", "foreach"] + (["cpu"] if "cpu" in host_backends() else [])
+    r = subprocess.run(
+        [sys.executable, "-c", _RECOMPILE_SCRIPT, *names],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    graphs = json.loads(r.stdout.split("RESULT", 1)[1])
+    for name in names[1:]:
+        assert graphs[name] <= max(graphs["adamw"], 2), graphs  # 8 lrs, 8 steps: no per-step graph

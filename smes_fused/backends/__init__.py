@@ -37,7 +37,6 @@ def register(backend) -> None:
 
 
 def get(name: str):
-    _load_all()
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}: expected 'auto' or one of {', '.join(NAMES)}")
     if name not in _REGISTRY:
@@ -47,14 +46,12 @@ def get(name: str):
 
 def available() -> dict[str, str | None]:
     """Each backend's name → None if it can run here, else the reason it cannot."""
-    _load_all()
     return {name: _REGISTRY[name].unavailable() for name in NAMES if name in _REGISTRY}
 
 
 def resolve(name: str, key: BucketKey):
     """The backend that applies a bucket, or an error that says why the asked one cannot."""
     if name == "auto":
-        _load_all()
         for cand in AUTO_ORDER.get(key.device.type, ()):
             b = _REGISTRY.get(cand)
             if b is not None and b.unavailable() is None and b.cannot_run(key) is None:
@@ -73,19 +70,7 @@ def resolve(name: str, key: BucketKey):
     return b
 
 
-_loaded = False
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import importlib
-
-    for mod in ("reference", "foreach", "compiled", "triton"):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:  # a backend module not written yet
-            if e.name != f"{__name__}.{mod}":
-                raise
+# Every backend module registers itself when the package is imported, not on first use: an
+# import inside a step would break torch.compile's graph the first time a process steps under it.
+# None of them imports Triton or touches CUDA at import time.
+from . import compiled, foreach, reference, triton  # noqa: E402, F401

@@ -20,8 +20,12 @@ _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _device_lr(h: Hyper, device_type: str) -> bool:
-    """Whether the kernel reads this tensor's lr from a tensor (else from the table)."""
-    return isinstance(h.lr, Tensor) and h.lr.device.type == device_type
+    """Whether the kernel reads this tensor's lr from a tensor (else from the table). Under
+    torch.compile a float lr is passed as a tensor too, so that the table, and the graph's
+    guards, do not depend on its value (a scheduler changes it every step)."""
+    if isinstance(h.lr, Tensor):
+        return h.lr.device.type == device_type
+    return torch.compiler.is_compiling()
 
 
 def hyper_row(h: Hyper, device_type: str = "cpu") -> tuple:
@@ -55,7 +59,7 @@ class HyperTable:
         self.table: Tensor | None = None
         self.lrs: list = []
 
-    def update(self, hypers: list[Hyper]) -> Tensor:
+    def update(self, hypers: list[Hyper], device: torch.device) -> Tensor:
         runs: list = []
         prev = None
         count = 0
@@ -71,7 +75,7 @@ class HyperTable:
         if prev is not None:
             runs.append((count, prev))
         self.update_runs(runs)
-        self.lrs = self._lrs(hypers) if tensor_lr else []
+        self.lrs = self._lrs(hypers, device) if tensor_lr else []
         return self.table
 
     def update_runs(self, runs: list[tuple[int, Hyper]]) -> Tensor:
@@ -90,10 +94,16 @@ class HyperTable:
         self.lrs = []
         return self.table
 
-    def _lrs(self, hypers: list[Hyper]) -> list:
+    def _lrs(self, hypers: list[Hyper], device: torch.device) -> list:
         out = []
+        made: dict[int, Tensor] = {}  # one tensor per param group under torch.compile
         for h in hypers:
             lr = h.lr if _device_lr(h, self.device_type) else None
+            if lr is not None and not isinstance(lr, Tensor):
+                lr = made.get(id(h))
+                if lr is None:  # ones * lr: inductor keeps it symbolic (torch.full does not)
+                    one = torch.ones((), dtype=torch.float32, device=device)
+                    lr = made[id(h)] = one * h.lr
             if lr is not None and self.device_type == "cuda" and lr.dtype != torch.float32:
                 lr = lr.float()  # the CUDA kernel reads a float32 lr
             out.append(lr)
@@ -186,7 +196,7 @@ class CompiledBackend:
         tab = self._tables.get(table_key)
         if tab is None:
             tab = self._tables[table_key] = HyperTable(self.name)
-        hypers = tab.update(bucket.hypers)
+        hypers = tab.update(bucket.hypers, bucket.key.device)
         v = bucket.exp_avg_sqs if bucket.exp_avg_sqs[0] is not None else []
         x = bucket.max_exp_avg_sqs if bucket.max_exp_avg_sqs[0] is not None else []
         try:

@@ -26,7 +26,11 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
     theta, theta_cast = _cast(b.params, cd)
     g, _ = _cast(b.grads, cd)
     m, m_cast = _cast(b.exp_avgs, cd)
-    on_device = isinstance(h.lr, Tensor) or b.steps[0].device.type != "cpu"
+    # Under torch.compile too: host step counts read with .item() would specialise the graph on
+    # every step's count (a recompile per step).
+    on_device = (
+        isinstance(h.lr, Tensor) or b.steps[0].device.type != "cpu" or torch.compiler.is_compiling()
+    )
 
     if h.maximize:
         g = torch._foreach_neg(g)
