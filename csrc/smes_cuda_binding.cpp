@@ -21,6 +21,17 @@ thread_local std::vector<int> t_codes;
 thread_local std::vector<TensorArgs> t_group;
 thread_local std::vector<char> t_done;
 
+// LrDType of a tensor lr the kernel can read in place, or -1.
+int lr_dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kLrF32;
+    case at::kDouble: return kLrF64;
+    case at::kBFloat16: return kLrBF16;
+    case at::kHalf: return kLrF16;
+    default: return -1;
+  }
+}
+
 }  // namespace
 
 void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -95,13 +106,17 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                 "smes_fused (cuda): steps[", i, "] must be a one-element float32 tensor on ", dev);
     a.step = st.data_ptr<float>();
     a.lr_ptr = nullptr;
+    a.lr_dtype = kLrF32;
     if (lrs.size() != 0) {
       const std::optional<at::Tensor> l = lrs.get(i);
       if (l.has_value()) {
-        TORCH_CHECK(l->device() == dev && l->scalar_type() == at::kFloat && l->numel() == 1,
-                    "smes_fused (cuda): a tensor lr must be a one-element float32 tensor on ",
-                    dev);
-        a.lr_ptr = l->data_ptr<float>();
+        const int code = lr_dtype_code(l->scalar_type());
+        TORCH_CHECK(l->device() == dev && code >= 0 && l->numel() == 1,
+                    "smes_fused (cuda): a tensor lr must be a one-element float32, float64, "
+                    "bfloat16 or float16 tensor on ", dev, ", got ", l->scalar_type(), " on ",
+                    l->device());
+        a.lr_ptr = l->data_ptr();
+        a.lr_dtype = code;
       }
     }
     a.numel = p.numel();

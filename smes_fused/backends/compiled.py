@@ -93,10 +93,8 @@ class HyperTable:
     def _lrs(self, hypers: list[Hyper]) -> list:
         out = []
         for h in hypers:
-            lr = h.lr if _device_lr(h, self.device_type) else None
-            if lr is not None and self.device_type == "cuda" and lr.dtype != torch.float32:
-                lr = lr.float()  # the CUDA kernel reads a float32 lr
-            out.append(lr)
+            # The CUDA kernel reads a float32/float64/bf16/fp16 lr in place (no cast per step).
+            out.append(h.lr if _device_lr(h, self.device_type) else None)
         return out
 
 
