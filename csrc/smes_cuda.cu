@@ -30,12 +30,29 @@ constexpr int kVec = 4;              // elements per thread per iteration (16 B 
 #if defined(SMES_SMALL_LAUNCH_META) || !defined(CUDART_VERSION) || CUDART_VERSION < 12010
 constexpr int kMaxTensors = 24;      // per launch
 constexpr int kMaxBlocks = 256;      // per launch
+constexpr int kMaxSteps = 480;       // step counts per advance_steps launch
 constexpr int kParamLimit = 4096;    // bytes of kernel parameters before CUDA 12.1
 #else
 constexpr int kMaxTensors = 64;      // per launch
 constexpr int kMaxBlocks = 1024;     // per launch
+constexpr int kMaxSteps = 2048;      // step counts per advance_steps launch
 constexpr int kParamLimit = 32764;   // bytes of kernel parameters from CUDA 12.1 (Volta+)
 #endif
+
+struct StepMeta {
+  float* step[kMaxSteps];
+};
+static_assert(sizeof(StepMeta) + sizeof(void*) + sizeof(int) <= kParamLimit,
+              "kernel parameter limit");
+
+// Advances every step count by one, unless found_inf is set (then nothing changes): one launch
+// in place of a _foreach_add_ before the step and a _foreach_sub_ after it.
+__global__ void advance_steps_kernel(const __grid_constant__ StepMeta meta, int n,
+                                     const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.f) return;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) *meta.step[i] += 1.f;
+}
 
 struct LaunchMeta {
   TensorArgs t[kMaxTensors];
@@ -228,6 +245,18 @@ int by_pclass(const TensorArgs* t, int n, int code, const float* gs, const float
 }
 
 }  // namespace
+
+int advance_steps(float* const* steps, int n, const float* found_inf, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  StepMeta meta;
+  for (int start = 0; start < n; start += kMaxSteps) {
+    const int count = n - start < kMaxSteps ? n - start : kMaxSteps;
+    for (int i = 0; i < count; ++i) meta.step[i] = steps[start + i];
+    advance_steps_kernel<<<(count + 255) / 256, 256, 0, st>>>(meta, count, found_inf);
+    if (int err = static_cast<int>(cudaGetLastError())) return err;
+  }
+  return 0;
+}
 
 int launch_step(const TensorArgs* tensors, int n, int code, int param_dtype, int state_dtype,
                 const float* grad_scale, const float* found_inf, void* stream) {

@@ -28,6 +28,11 @@ struct TensorArgs {
   int lr_dtype;         // LrDType of *lr_ptr
 };
 
+// Advances the `n` float32 step counts on the device by one, unless *found_inf != 0 (found_inf
+// may be null). ceil(n / 2048) launches (ceil(n / 480) before CUDA 12.1). Returns 0 or a
+// cudaError_t.
+int advance_steps(float* const* steps, int n, const float* found_inf, void* stream);
+
 // Applies one SMES step to `n` tensors that share the variant `code` (smes_math.h) and the
 // dtypes. grad_scale / found_inf: device float32 scalars or null. Returns 0 or a cudaError_t.
 // Launches ceil(chunks / kMaxBlocksPerLaunch) kernels, chunks of 65536 elements.
