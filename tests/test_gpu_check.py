@@ -172,3 +172,32 @@ def test_no_gpu_says_so_and_exits_0(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "no CUDA GPU" in res.stdout
+
+
+def test_main_end_to_end_with_fake_jobs(monkeypatch, tmp_path, capsys):
+    """main() on a (pretend) GPU machine: plan, run, read the benchmark CSVs back, write and
+    print the summary; exit 0 when every phase that ran passed."""
+    from bench import report
+
+    monkeypatch.setattr(G, "gpu_info", lambda: H100)
+    monkeypatch.setattr(G, "tools", lambda: {"nvcc": None, "compute-sanitizer": "/x/cs"})
+    ran = []
+
+    def fake(job, out, timeout):
+        ran.append(job.name)
+        if job.name.startswith("bench_"):
+            dtype, s = job.name.split("_", 2)[1:]
+            rows = [r for r in _rows() if r["param_dtype"] == dtype and r["shape_set"] == s]
+            report.write_csv(rows, os.path.join(out, job.name, "bench_cuda.csv"))
+        return "ok", 0.0, "done"
+
+    monkeypatch.setattr(G, "run_job", fake)
+    out = tmp_path / "o"
+    assert G.main(["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    text = (out / "summary.txt").read_text()
+    assert text.strip() in printed
+    assert "build     skipped" in text and "nvcc not found" in text
+    assert ran[:3] == ["tests_gpu", "tests_triton", "sanitizer_triton"]
+    assert text.count("1.10x") == len(G.DTYPES) * len(G.SETS) * len(G.EXPONENTS)
+    assert text.splitlines()[-1] == "result: all phases that ran passed"
