@@ -200,7 +200,10 @@ def _step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, 
     mirror = t.mirror.copy() if cap else t.mirror
     lo, hi = n + n_groups, 0
 
-    sources = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+    # The lists the static rows come from (those the variant reads): when they are the very
+    # lists of the last step (an optimizer's bucket keeps them), the rows are current.
+    sources = (params, exp_avgs, exp_avg_sqs if track_v else None,
+               max_exp_avg_sqs if amsgrad else None, steps)  # fmt: skip
     if len(t.sources) != 5 or any(a is not b for a, b in zip(sources, t.sources)):
         static = np.array(
             [
