@@ -271,6 +271,8 @@ def test_capture_of_a_current_table_freezes_it(monkeypatch):
     monkeypatch.setattr(K, "capturing", lambda device: True)
     get("triton")(a)  # same grads: the eager table is current, the graph will read it
     assert eager.frozen and cache.graph_tables == [eager] and not cache.entries
+    get("triton")(a)  # a second capture, no eager step between: the frozen table serves it
+    assert cache.graph_tables == [eager] and cache.stats["builds"] == 1
     monkeypatch.setattr(K, "capturing", lambda device: False)
     builds = cache.stats["builds"]
     get("triton")(a)  # an eager step may not write it: a new table

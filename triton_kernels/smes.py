@@ -191,11 +191,13 @@ def _step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, 
     key = _key(params, device, pdt, sdt, variant, block_size, n_groups)
     track_v, amsgrad = variant.track_v, variant.amsgrad
     t = CACHE.lookup(key)
+    cap = capturing(device)
+    if t is None and cap:  # a second capture after the first froze the table: share it
+        t = CACHE.frozen_for(key)
     if t is None:
         smes_checks.check_static(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                                  range(n), variant)  # fmt: skip
         t = CACHE.build(key, [p.numel() for p in params], n_groups, device, block_size)
-    cap = capturing(device)
     # Inside a capture the eager table is left as it is: a copy of its mirror takes the changes.
     mirror = t.mirror.copy() if cap else t.mirror
     lo, hi = n + n_groups, 0

@@ -117,6 +117,10 @@ class TableCache:
             self.entries.move_to_end(key)
         return t
 
+    def frozen_for(self, key) -> Tables | None:
+        """The newest table of ``key`` a graph reads (another capture may read it too)."""
+        return next((t for t in reversed(self.graph_tables) if t.key == key), None)
+
     def build(self, key, numels: list[int], n_groups: int, device, block_size: int) -> Tables:
         """A new table of ``len(numels)`` tensors and ``n_groups`` groups; rows not yet filled."""
         if capturing(device):
