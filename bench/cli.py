@@ -111,6 +111,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="params and grads (bfloat16: every optimizer keeps bfloat16 state, as fused AdamW "
+        "does; SMES gets state_dtype='param'); default float32",
+    )
+    p.add_argument(
         "--out",
         default=os.path.join("runs", "bench"),
         help="directory for the CSV and PNG (default: runs/bench/, git-ignored; the committed "
@@ -135,6 +142,7 @@ def config_from(args: argparse.Namespace, device: torch.device, backends: tuple)
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 3),
         repeats=args.repeats or (3 if args.quick else 10),
         compile=args.compile,
+        dtype=getattr(torch, args.dtype),
     )
 
 
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for b, why in considered.items():
         if why is not None:
             print(f"SMES {b}: not benchmarked: {why}")
-    roof_name, roof_bytes, _ = roofline(device)
+    roof_name, roof_bytes, _ = roofline(device, config.dtype)
     print(f"SMES backends: {', '.join(backends) or 'none'}; {roof_name} ({roof_bytes} B/param)")
     for s in config.sets:
         full = f", whole model {FULL_PARAMS[s.name] / 1e6:.1f}M" if s.name in FULL_PARAMS else ""
@@ -180,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(report.table(rows))
     suffix = "_quick" if args.quick else "_full" if args.full else ""
+    if config.dtype != torch.float32:
+        suffix += f"_{args.dtype}"
     stem = os.path.join(args.out, f"bench_{device.type}{suffix}")
     report.write_csv(rows, stem + ".csv")
     if rows:

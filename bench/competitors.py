@@ -34,9 +34,11 @@ class Spec:
     build: Callable[[list[Tensor]], tuple[Step, StateFn]]
 
 
-def bytes_per_param(exponent: float) -> int:
-    """float32 SMES: read θ, g, m, v and write θ, m, v; at p = 0 v is untouched."""
-    return 20 if exponent == 0 else 28
+def bytes_per_param(exponent: float, dtype: torch.dtype = torch.float32) -> int:
+    """SMES: read θ, g, m, v and write θ, m, v (7 tensors); at p = 0 v is untouched (5). 16-bit
+    params run with 16-bit state (``state_dtype="param"``, as fused AdamW keeps its state)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return (5 if exponent == 0 else 7) * size
 
 
 def specs(
@@ -46,18 +48,23 @@ def specs(
     *,
     unfused_adamw: bool,
     compile: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> list[Spec]:
     """The competitors of one cell. Fused AdamW, the reference of every ratio, is in all of
     them; AdamW's foreach and for-loop implementations only where ``unfused_adamw``."""
-    out = [Spec(REFERENCE, 28, _adamw(fused=True))]
+    adamw_bytes = bytes_per_param(0.5, dtype)
+    out = [Spec(REFERENCE, adamw_bytes, _adamw(fused=True))]
     if unfused_adamw:
-        out.append(Spec("AdamW foreach", 28, _adamw(foreach=True)))
-        out.append(Spec("AdamW for-loop", 28, _adamw(foreach=False)))
+        out.append(Spec("AdamW foreach", adamw_bytes, _adamw(foreach=True)))
+        out.append(Spec("AdamW for-loop", adamw_bytes, _adamw(foreach=False)))
     if compile:
-        out.append(Spec("AdamW compiled", 28, _compiled_adamw))
+        out.append(Spec("AdamW compiled", adamw_bytes, _compiled_adamw))
+    state_dtype = None if dtype == torch.float32 else "param"
     for b in backends:
-        out.append(Spec(f"SMES {b}", bytes_per_param(exponent), _smes(b, exponent)))
-    name, nbytes, build = roofline(device)
+        out.append(
+            Spec(f"SMES {b}", bytes_per_param(exponent, dtype), _smes(b, exponent, state_dtype))
+        )
+    name, nbytes, build = roofline(device, dtype)
     out.append(Spec(name, nbytes, lambda params: _buffers(*build(params))))
     return out
 
@@ -118,10 +125,13 @@ def _compiled_adamw(params: list[Tensor]) -> tuple[Step, StateFn]:
     return _optimizer(opt, step)
 
 
-def _smes(backend: str, exponent: float) -> Callable[[list[Tensor]], tuple[Step, StateFn]]:
+def _smes(
+    backend: str, exponent: float, state_dtype: str | None = None
+) -> Callable[[list[Tensor]], tuple[Step, StateFn]]:
     def build(params: list[Tensor]) -> tuple[Step, StateFn]:
         from smes_fused import SMES
 
-        return _optimizer(SMES(params, exponent=exponent, backend=backend))
+        opt = SMES(params, exponent=exponent, backend=backend, state_dtype=state_dtype)
+        return _optimizer(opt)
 
     return build

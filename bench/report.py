@@ -25,6 +25,7 @@ ENV_COLUMNS = (
 )
 RESULT_COLUMNS = (
     "shape_set",
+    "param_dtype",
     "set_source",
     "n_params",
     "n_tensors",

@@ -5,7 +5,8 @@
   with trivial math.
 - CPU without it: three in-place ``torch._foreach_*`` passes, θ += 1e-12·g, m += g, v += g·g.
   They move 36 B/param (g is read three times), which is what the row's GB/s counts.
-- CUDA: a device-to-device copy of 14 bytes per parameter (28 B/param moved, read + write).
+- CUDA: a device-to-device copy of 14 bytes per parameter (28 B/param moved, read + write); for
+  16-bit params (16-bit state, as fused AdamW keeps it) 7 bytes (14 B/param moved).
 
 It runs on the cell's own parameters and gradients (CPU) or on buffers of the cell's total size
 (CUDA), so every shape set gets the roofline of its own layout.
@@ -34,10 +35,11 @@ def compiled_op() -> Callable | None:
     return _ops.roofline
 
 
-def roofline(device: torch.device) -> Roofline:
+def roofline(device: torch.device, dtype: torch.dtype = torch.float32) -> Roofline:
     """(name, bytes moved per parameter, build(params) -> (step, buffers it allocated, by role))."""
     if device.type == "cuda":
-        return "roofline: D2D copy", 28, _copy
+        size = torch.empty((), dtype=dtype).element_size()
+        return "roofline: D2D copy", 7 * size, lambda params: _copy(params, 7 * size // 2)
     op = compiled_op()
     if op is not None:
         return "roofline: smes_fused.roofline_", 28, lambda params: _kernel(op, params)
@@ -77,8 +79,8 @@ def _foreach(params: list[Tensor]) -> tuple[Step, dict]:
     return step, _state(m, v)
 
 
-def _copy(params: list[Tensor]) -> tuple[Step, dict]:
+def _copy(params: list[Tensor], nbytes: int = 14) -> tuple[Step, dict]:
     n = sum(p.numel() for p in params)
-    src = torch.ones(14 * n, dtype=torch.uint8, device=params[0].device)
+    src = torch.ones(nbytes * n, dtype=torch.uint8, device=params[0].device)
     dst = torch.empty_like(src)
     return (lambda: dst.copy_(src)), {(0, "copy source"): src, (0, "copy target"): dst}

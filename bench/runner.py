@@ -28,6 +28,7 @@ class Config:
     warmup: int
     repeats: int
     compile: bool = False
+    dtype: torch.dtype = torch.float32  # params and grads (16-bit: 16-bit state everywhere)
 
     @property
     def rounds(self) -> int:
@@ -54,7 +55,7 @@ def run(
     _prime(config)
     rows: list[dict] = []
     for shape_set in config.sets:
-        params = _allocate(shape_set, config.device)
+        params = _allocate(shape_set, config.device, config.dtype)
         for exponent in config.exponents:
             on_cell(f"{shape_set.name} p={exponent:g}")
             # The other AdamWs do not depend on p and are slow (or slow to compile): they run
@@ -66,6 +67,7 @@ def run(
                 config.backends,
                 unfused_adamw=first,
                 compile=config.compile and first,
+                dtype=config.dtype,
             )
             ready = []
             for spec in cell:
@@ -92,9 +94,14 @@ def run(
 def _prime(config: Config) -> None:
     """One step of each competitor on a tiny tensor, so that one-time initialisation (thread
     pools, lazy imports, the extension's loading) is not billed to the first one measured."""
-    params = _allocate(ShapeSet("prime", ((64,),), ""), config.device)
+    params = _allocate(ShapeSet("prime", ((64,),), ""), config.device, config.dtype)
     cell = specs(
-        config.device, config.exponents[0], config.backends, unfused_adamw=True, compile=False
+        config.device,
+        config.exponents[0],
+        config.backends,
+        unfused_adamw=True,
+        compile=False,
+        dtype=config.dtype,
     )
     for spec in cell:
         try:
@@ -103,13 +110,15 @@ def _prime(config: Config) -> None:
             pass  # reported when the competitor is set up for real
 
 
-def _allocate(shape_set: ShapeSet, device: torch.device) -> list[Tensor]:
-    """float32 parameters with random gradients, filled once (no backward is timed)."""
+def _allocate(
+    shape_set: ShapeSet, device: torch.device, dtype: torch.dtype = torch.float32
+) -> list[Tensor]:
+    """Parameters with random gradients, filled once (no backward is timed)."""
     torch.manual_seed(0)
     params = []
     for shape in shape_set.shapes:
-        p = torch.nn.Parameter(torch.randn(shape, device=device))
-        p.grad = torch.randn(shape, device=device)
+        p = torch.nn.Parameter(torch.randn(shape, device=device, dtype=dtype))
+        p.grad = torch.randn(shape, device=device, dtype=dtype)
         params.append(p)
     return params
 
@@ -181,6 +190,7 @@ def _rows(
         rows.append(
             {
                 "shape_set": shape_set.name,
+                "param_dtype": str(config.dtype).replace("torch.", ""),
                 "set_source": shape_set.source,
                 "n_params": n,
                 "n_tensors": shape_set.n_tensors,

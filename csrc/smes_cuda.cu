@@ -5,8 +5,11 @@
 //
 // Layout of a launch: the tensors are cut into chunks of kChunk elements; block b applies chunk
 // meta.chunk[b] of tensor meta.tensor[b]. The metadata (tensor pointers and per-tensor
-// hyperparameters) travels as one __grid_constant__ kernel parameter (CUDA >= 12.1 allows
-// 32 KB), so a launch needs no device allocation or copy and can be captured in a CUDA graph.
+// hyperparameters) travels as one __grid_constant__ kernel parameter, so a launch needs no
+// device allocation or copy and can be captured in a CUDA graph. CUDA >= 12.1 allows 32 KB of
+// parameters (64 tensors, 1024 chunks per launch); older toolkits allow 4 KB, and the layout
+// shrinks to fit (24 tensors, 256 chunks: more launches for large buckets, same results).
+// SMES_SMALL_LAUNCH_META forces the small layout (the tests compile both).
 // Indexing is 32-bit inside a chunk; the chunk's offset in its tensor is 64-bit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,15 +27,41 @@ namespace {
 constexpr int kChunk = 65536;        // elements per block
 constexpr int kThreads = 512;
 constexpr int kVec = 4;              // elements per thread per iteration (16 B of float32)
+#if defined(SMES_SMALL_LAUNCH_META) || !defined(CUDART_VERSION) || CUDART_VERSION < 12010
+constexpr int kMaxTensors = 24;      // per launch
+constexpr int kMaxBlocks = 256;      // per launch
+constexpr int kMaxSteps = 480;       // step counts per advance_steps launch
+constexpr int kParamLimit = 4096;    // bytes of kernel parameters before CUDA 12.1
+#else
 constexpr int kMaxTensors = 64;      // per launch
 constexpr int kMaxBlocks = 1024;     // per launch
+constexpr int kMaxSteps = 2048;      // step counts per advance_steps launch
+constexpr int kParamLimit = 32764;   // bytes of kernel parameters from CUDA 12.1 (Volta+)
+#endif
+
+struct StepMeta {
+  float* step[kMaxSteps];
+};
+static_assert(sizeof(StepMeta) + sizeof(void*) + sizeof(int) <= kParamLimit,
+              "kernel parameter limit");
+
+// Advances every step count by one, unless found_inf is set (then nothing changes): one launch
+// in place of a _foreach_add_ before the step and a _foreach_sub_ after it.
+__global__ void advance_steps_kernel(const __grid_constant__ StepMeta meta, int n,
+                                     const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.f) return;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) *meta.step[i] += 1.f;
+}
 
 struct LaunchMeta {
   TensorArgs t[kMaxTensors];
   uint8_t tensor[kMaxBlocks];
   int32_t chunk[kMaxBlocks];
 };
-static_assert(sizeof(LaunchMeta) < 32000, "kernel parameter limit");
+// The metadata plus the two pointer arguments.
+static_assert(sizeof(LaunchMeta) + 2 * sizeof(void*) <= kParamLimit, "kernel parameter limit");
+static_assert(kMaxTensors <= 256, "meta.tensor is uint8_t");
 
 struct DevMath {
   __device__ __forceinline__ static float sqrt(float x) { return sqrtf(x); }
@@ -81,6 +110,17 @@ __device__ __forceinline__ bool aligned(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kVec)) == 0;
 }
 
+// A tensor lr of any float dtype, read where it lives (no cast kernel per step), else the host lr.
+__device__ __forceinline__ double read_lr(const TensorArgs& ta) {
+  if (ta.lr_ptr == nullptr) return ta.lr;
+  switch (ta.lr_dtype) {
+    case kLrF64: return *static_cast<const double*>(ta.lr_ptr);
+    case kLrBF16: return static_cast<double>(__bfloat162float(*static_cast<const __nv_bfloat16*>(ta.lr_ptr)));
+    case kLrF16: return static_cast<double>(__half2float(*static_cast<const __half*>(ta.lr_ptr)));
+    default: return static_cast<double>(*static_cast<const float*>(ta.lr_ptr));
+  }
+}
+
 struct DoublePow {
   __device__ double operator()(double a, double b) const { return pow(a, b); }
 };
@@ -102,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
   const int n = left < kChunk ? static_cast<int>(left) : kChunk;                 // 32-bit inside
 
   const float inv_scale = grad_scale != nullptr ? 1.f / *grad_scale : 1.f;
-  const double lr = ta.lr_ptr != nullptr ? static_cast<double>(*ta.lr_ptr) : ta.lr;
+  const double lr = read_lr(ta);
   const Scalars s = make_scalars(lr, ta.beta1, ta.beta2, ta.eps, ta.exponent, ta.weight_decay,
                                  ta.flags, static_cast<double>(*ta.step), inv_scale, DoublePow(),
                                  DoubleSqrt(), DoubleLog2());
@@ -205,6 +245,18 @@ int by_pclass(const TensorArgs* t, int n, int code, const float* gs, const float
 }
 
 }  // namespace
+
+int advance_steps(float* const* steps, int n, const float* found_inf, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  StepMeta meta;
+  for (int start = 0; start < n; start += kMaxSteps) {
+    const int count = n - start < kMaxSteps ? n - start : kMaxSteps;
+    for (int i = 0; i < count; ++i) meta.step[i] = steps[start + i];
+    advance_steps_kernel<<<(count + 255) / 256, 256, 0, st>>>(meta, count, found_inf);
+    if (int err = static_cast<int>(cudaGetLastError())) return err;
+  }
+  return 0;
+}
 
 int launch_step(const TensorArgs* tensors, int n, int code, int param_dtype, int state_dtype,
                 const float* grad_scale, const float* found_inf, void* stream) {

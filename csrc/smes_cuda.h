@@ -8,6 +8,9 @@
 namespace smes {
 namespace cuda {
 
+// dtype of a device lr tensor (TensorArgs::lr_dtype).
+enum LrDType : int { kLrF32 = 0, kLrF64 = 1, kLrBF16 = 2, kLrF16 = 3 };
+
 // One tensor of a launch. Hyperparameters are per tensor (param groups never split a launch);
 // step and (optionally) lr are read on the device, so the launch is capturable.
 struct TensorArgs {
@@ -17,12 +20,18 @@ struct TensorArgs {
   void* v;              // exp_avg_sq (S), null when not tracked
   void* vmax;           // max_exp_avg_sq (S), null unless amsgrad
   const float* step;    // float32 step count on the device (already incremented)
-  const float* lr_ptr;  // float32 lr on the device, or null: use `lr`
+  const void* lr_ptr;   // lr on the device (dtype lr_dtype), or null: use `lr`
   int64_t numel;
   double beta1, beta2;  // float64: the bias corrections are computed in float64
   float lr, eps, exponent, weight_decay;
   int flags;            // smes_math.h kFlag*
+  int lr_dtype;         // LrDType of *lr_ptr
 };
+
+// Advances the `n` float32 step counts on the device by one, unless *found_inf != 0 (found_inf
+// may be null). ceil(n / 2048) launches (ceil(n / 480) before CUDA 12.1). Returns 0 or a
+// cudaError_t.
+int advance_steps(float* const* steps, int n, const float* found_inf, void* stream);
 
 // Applies one SMES step to `n` tensors that share the variant `code` (smes_math.h) and the
 // dtypes. grad_scale / found_inf: device float32 scalars or null. Returns 0 or a cudaError_t.

@@ -20,6 +20,18 @@ thread_local std::vector<TensorArgs> t_args;
 thread_local std::vector<int> t_codes;
 thread_local std::vector<TensorArgs> t_group;
 thread_local std::vector<char> t_done;
+thread_local std::vector<float*> t_steps;
+
+// LrDType of a tensor lr the kernel can read in place, or -1.
+int lr_dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kLrF32;
+    case at::kDouble: return kLrF64;
+    case at::kBFloat16: return kLrBF16;
+    case at::kHalf: return kLrF16;
+    default: return -1;
+  }
+}
 
 }  // namespace
 
@@ -95,13 +107,17 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                 "smes_fused (cuda): steps[", i, "] must be a one-element float32 tensor on ", dev);
     a.step = st.data_ptr<float>();
     a.lr_ptr = nullptr;
+    a.lr_dtype = kLrF32;
     if (lrs.size() != 0) {
       const std::optional<at::Tensor> l = lrs.get(i);
       if (l.has_value()) {
-        TORCH_CHECK(l->device() == dev && l->scalar_type() == at::kFloat && l->numel() == 1,
-                    "smes_fused (cuda): a tensor lr must be a one-element float32 tensor on ",
-                    dev);
-        a.lr_ptr = l->data_ptr<float>();
+        const int code = lr_dtype_code(l->scalar_type());
+        TORCH_CHECK(l->device() == dev && code >= 0 && l->numel() == 1,
+                    "smes_fused (cuda): a tensor lr must be a one-element float32, float64, "
+                    "bfloat16 or float16 tensor on ", dev, ", got ", l->scalar_type(), " on ",
+                    l->device());
+        a.lr_ptr = l->data_ptr();
+        a.lr_dtype = code;
       }
     }
     a.numel = p.numel();
@@ -114,12 +130,15 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     a.flags = flags;
     t_codes[i] = code;
   }
-  // The kernel reads this step's count on the device: advance the counts first, and take the
-  // advance back after the launch where found_inf is set (torch's fused protocol, no host sync).
-  at::_foreach_add_(steps, 1);
   const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   void* stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  // The kernel reads this step's count on the device: advance the counts first, in one launch
+  // that leaves them where found_inf is set (torch's fused protocol, no host sync).
+  t_steps.resize(n);
+  for (int64_t i = 0; i < n; ++i) t_steps[i] = steps[i].data_ptr<float>();
+  const int serr = advance_steps(t_steps.data(), (int)n, fi, stream);
+  TORCH_CHECK(serr == 0, "smes_fused (cuda): step-count launch failed with CUDA error ", serr);
   // One launch (or a few, for very large buckets) per variant present, usually one in all.
   std::vector<TensorArgs>& group = t_group;
   std::vector<char>& done = t_done;
@@ -136,9 +155,6 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     const int err = launch_step(group.data(), (int)group.size(), t_codes[i], pdt, sdt, gs, fi,
                                 stream);
     TORCH_CHECK(err == 0, "smes_fused (cuda): kernel launch failed with CUDA error ", err);
-  }
-  if (found_inf.has_value()) {
-    at::_foreach_sub_(steps, std::vector<at::Tensor>(steps.size(), *found_inf));
   }
 }
 

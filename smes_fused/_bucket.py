@@ -10,7 +10,6 @@ backends compile one kernel per variant and may launch once per variant present 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import NamedTuple
 
@@ -143,17 +142,6 @@ class Bucket:
                 out.setdefault((v is not None, x is not None), []).append(i)
             self._by_state_kind = out
         return self._by_state_kind
-
-
-@contextlib.contextmanager
-def steps_advanced(steps: list[Tensor], found_inf: Tensor | None):
-    """Around a kernel that reads this step's count from the step tensors: advance them first,
-    and take the advance back afterwards where ``found_inf`` is set, with no host sync (torch's
-    fused-optimizer protocol)."""
-    torch._foreach_add_(steps, 1)
-    yield
-    if found_inf is not None:
-        torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

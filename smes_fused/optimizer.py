@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections import OrderedDict
 from itertools import groupby
@@ -16,10 +17,7 @@ from ._bucket import Bucket, BucketKey
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-try:  # DTensor params (FSDP2, tensor parallel) are stepped through their local shards
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # a torch built without distributed
-    _DTensor = None
+
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
@@ -426,7 +424,10 @@ class SMES(Optimizer):
 
 
 def _is_dtensor(t) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
+    """Whether ``t`` is a DTensor (FSDP2, tensor parallel), stepped through its local shard.
+    Without importing torch.distributed.tensor (~3 s): no DTensor exists before it is imported."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _local(t):

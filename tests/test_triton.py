@@ -173,7 +173,7 @@ def test_one_step_parity(exponent, decoupled, amsgrad):
     before = K.CACHE.stats["launches"]
     b = _bucket(states, hypers, step)
     _run("triton", b)
-    assert K.CACHE.stats["launches"] == before + 1
+    assert K.CACHE.stats["launches"] == before + K.LAUNCHES_PER_STEP
     _check_oracle(b, states, hypers, step, f"p={exponent}")
 
     r = _bucket(states, hypers, step)
@@ -237,7 +237,7 @@ def test_several_groups_one_launch():
     before = K.CACHE.stats["launches"]
     b = _bucket(states, hypers, 3)
     _run("triton", b)
-    assert K.CACHE.stats["launches"] == before + 1
+    assert K.CACHE.stats["launches"] == before + K.LAUNCHES_PER_STEP
     _check_oracle(b, states, hypers, 3, "groups")
 
 
@@ -305,7 +305,7 @@ def test_smes_20_steps_vs_reference_and_oracle(exponents):
     o64 = [[p.detach().double().cpu(), None, torch.zeros(p.shape).double(), None, 0] for p in pr]
     gen = torch.Generator().manual_seed(1)
     calls = []
-    K.LAUNCH_HOOKS.append(lambda consts, n: calls.append(consts))
+    K.LAUNCH_HOOKS.append(lambda consts, n, ptrs: calls.append(consts))
     try:
         for step in range(20):
             calls.clear()
@@ -339,11 +339,21 @@ def test_smes_20_steps_vs_reference_and_oracle(exponents):
         assert float(ot.state[a]["step"]) == (13 if i == 1 else 20)
 
 
+def _jit_cache_size() -> int:
+    """Compiled specialisations of the element kernel in Triton's JIT cache (GPU only)."""
+    caches = K._smes_step_kernel.device_caches
+    return sum(len(c[0]) for c in caches.values())
+
+
 def test_exponent_lr_betas_change_without_recompile():
     params = _model()
     opt = smes_fused.SMES(params, exponent=-0.08, backend="triton")
+    for p in params:  # a first step compiles this variant (other tests may have filled the cache)
+        p.grad = torch.ones_like(p)
+    opt.step()
+    cached = _jit_cache_size() if DEVICE == "cuda" else 0
     seen = set()
-    K.LAUNCH_HOOKS.append(lambda consts, n: seen.add(tuple(sorted(consts.items(), key=str))))
+    K.LAUNCH_HOOKS.append(lambda consts, n, ptrs: seen.add(tuple(sorted(consts.items(), key=str))))
     try:
         builds = None
         for i, p_exp in enumerate([-0.08, -0.3, 0.1, 0.37, 1.0, -0.5]):
@@ -359,9 +369,28 @@ def test_exponent_lr_betas_change_without_recompile():
     finally:
         K.LAUNCH_HOOKS.clear()
     assert len(seen) == 1  # one specialisation: p, lr and betas are data
-    if DEVICE == "cuda":  # the JIT's own cache: one compiled kernel for all of them
-        caches = K._smes_step_kernel.device_caches
-        assert sum(len(c[0]) for c in caches.values()) == 1
+    if DEVICE == "cuda":  # the JIT's own cache: nothing new compiled for any of them
+        assert _jit_cache_size() == cached
+
+
+def test_default_and_scaler_pointers_specialise_alike():
+    """Triton specialises pointer arguments on 16-byte alignment: the defaults that stand in for
+    grad_scale / found_inf must be aligned like a GradScaler's tensors, or a step with a scaler
+    compiles a second kernel."""
+    keys = []
+    K.LAUNCH_HOOKS.append(
+        lambda consts, n, ptrs: keys.append(tuple(t.data_ptr() % 16 == 0 for t in ptrs.values()))
+    )
+    try:
+        states = [_state(n, seed=2) for n in (3, 127)]
+        hypers = [_hyper(-0.08) for _ in states]
+        _run("triton", _bucket(states, hypers, 1))
+        scale = torch.full((1,), 1.0, device=DEV)  # fresh, aligned allocations, as GradScaler's
+        inf = torch.zeros(1, device=DEV)
+        _run("triton", _bucket(states, hypers, 1), grad_scale=scale, found_inf=inf)
+    finally:
+        K.LAUNCH_HOOKS.clear()
+    assert len(keys) == 2 and keys[0] == keys[1] and all(keys[0]), keys
 
 
 def test_table_cache_reacts_to_reallocated_grads():
@@ -372,16 +401,18 @@ def test_table_cache_reacts_to_reallocated_grads():
     keep = []
     for step in range(3):
         for a, b in zip(params, ref):
-            keep.append(torch.empty(a.numel() + 17, device=DEV))  # force new addresses
-            a.grad = None
-            a.grad = torch.randn(a.shape, device=DEV)
+            keep.append(torch.empty(a.numel() + 17, device=DEV))
+            # The new grad is allocated while the old one lives: a new address, never the
+            # just-freed block (the caching allocator would hand that back).
+            new = torch.randn(a.shape, device=DEV)
+            a.grad = new
             b.grad = a.grad.clone()
         builds, uploads = K.CACHE.stats["builds"], K.CACHE.stats["uploads"]
         opt.step()
         orf.step()
         if step > 0:
             assert K.CACHE.stats["builds"] == builds  # buffers reused
-            assert K.CACHE.stats["uploads"] == uploads + 1  # the new grad addresses
+            assert K.CACHE.stats["uploads"] == uploads + 1  # the new grad addresses (non-empty)
     # same storages again: nothing to upload
     uploads = K.CACHE.stats["uploads"]
     opt.step()

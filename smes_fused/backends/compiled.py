@@ -104,8 +104,7 @@ class HyperTable:
                 if lr is None:  # ones * lr: inductor keeps it symbolic (torch.full does not)
                     one = torch.ones((), dtype=torch.float32, device=device)
                     lr = made[id(h)] = one * h.lr
-            if lr is not None and self.device_type == "cuda" and lr.dtype != torch.float32:
-                lr = lr.float()  # the CUDA kernel reads a float32 lr
+            # The CUDA kernel reads a float32/float64/bf16/fp16 lr in place (no cast per step).
             out.append(lr)
         return out
 

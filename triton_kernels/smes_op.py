@@ -1,0 +1,87 @@
+"""The Triton step as a registered op, ``torch.ops.smes_fused.triton_step_``, so torch.compile
+keeps it in its graph (no graph break) and functionalization sees what it mutates.
+
+Eager callers use :func:`smes_fused.triton_kernels.smes.smes_step` directly (no dispatcher
+overhead); the backend calls this op only while torch.compile traces. The op's arguments are
+plain lists: the groups' hyperparameters flattened, ``GROUP_FIELDS`` per group, with the lr
+either a value or an index into ``lr_tensors``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+GROUP_FIELDS = 8  # beta1, beta2, eps, exponent, weight_decay, bias_correction, lr, lr tensor index
+
+
+def flatten_groups(groups) -> tuple[list[float], list[Tensor]]:
+    flat: list[float] = []
+    lr_tensors: list[Tensor] = []
+    for h in groups:
+        lr, idx = h.lr, -1.0
+        if isinstance(lr, Tensor):
+            idx = float(len(lr_tensors))
+            lr_tensors.append(lr)
+            lr = 0.0
+        flat += [h.beta1, h.beta2, h.eps, h.exponent, h.weight_decay,
+                 1.0 if h.bias_correction else 0.0, float(lr), idx]  # fmt: skip
+    return flat, lr_tensors
+
+
+def unflatten_groups(flat, lr_tensors) -> list:
+    from .smes import GroupHyper
+
+    out = []
+    for r in range(len(flat) // GROUP_FIELDS):
+        b1, b2, eps, p, wd, bc, lr, idx = flat[r * GROUP_FIELDS : (r + 1) * GROUP_FIELDS]
+        lr = lr_tensors[int(idx)] if idx >= 0 else lr
+        out.append(GroupHyper(lr, b1, b2, eps, p, wd, bc != 0.0))
+    return out
+
+
+@torch.library.custom_op(
+    "smes_fused::triton_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
+)
+def triton_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    group_values: list[float],
+    lr_tensors: list[Tensor],
+    group_index: list[int],
+    variant: list[int],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One SMES step (two launches); ``exp_avg_sqs`` / ``max_exp_avg_sqs`` are empty when the
+    variant does not track them; ``variant`` is (p_class, track_v, decoupled, amsgrad,
+    maximize) as ints."""
+    from .._bucket import Variant
+    from .smes import step_groups
+
+    var = Variant(int(variant[0]), *(bool(x) for x in variant[1:]))
+    n = len(params)
+    step_groups(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs if exp_avg_sqs else [None] * n,
+        max_exp_avg_sqs if max_exp_avg_sqs else [None] * n,
+        steps,
+        unflatten_groups(group_values, lr_tensors),
+        list(group_index),
+        var,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+@triton_step_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_values, lr_tensors,
+      group_index, variant, grad_scale, found_inf) -> None:  # fmt: skip
+    return None
