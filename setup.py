@@ -21,21 +21,21 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILDS_WHEEL = bool({"bdist_wheel", "editable_wheel"} & set(sys.argv))
+# pip's metadata step (dist_info) runs bdist_wheel's code as well on setuptools < 70.1
+NEEDS_BDIST_WHEEL = BUILDS_WHEEL or "dist_info" in sys.argv
 
 
 def _check_build_environment():
     """With --no-build-isolation, pip builds with what this environment has: say what is missing
     in words, rather than setuptools' `invalid command 'bdist_wheel'` or a silent CPU-less build."""
-    if not BUILDS_WHEEL:
-        return
     missing = []
     try:
         import wheel  # noqa: F401
     except ImportError:
         major, minor = (int(x) for x in setuptools.__version__.split(".")[:2])
-        if (major, minor) < (70, 1):  # bdist_wheel moved into setuptools in 70.1
+        if NEEDS_BDIST_WHEEL and (major, minor) < (70, 1):  # bdist_wheel is in setuptools 70.1+
             missing.append(f"wheel (or setuptools >= 70.1; this one is {setuptools.__version__})")
-    if os.environ.get("SMES_BUILD_EXT", "1") != "0":
+    if BUILDS_WHEEL and os.environ.get("SMES_BUILD_EXT", "1") != "0":
         try:
             import torch  # noqa: F401
         except ImportError:

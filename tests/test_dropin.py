@@ -398,3 +398,31 @@ def test_load_pre_hooks_run_once_in_order():
     opt.register_load_state_dict_pre_hook(hook("b"))
     opt.load_state_dict(opt.state_dict())
     assert calls == ["a", "b"]
+
+
+# 13 --------------------------------------------------------------- a build that lacks its tools
+
+
+@pytest.mark.parametrize(
+    "command, hide, words",
+    [
+        ("dist_info", "wheel", "wheel (or setuptools >= 70.1; this one is 65.5.0)"),
+        ("bdist_wheel", "torch", "torch (the C++ extension is built against the torch"),
+    ],
+)
+def test_build_without_isolation_names_what_is_missing(command, hide, words):
+    """`pip install --no-build-isolation .` in a bare venv failed with setuptools' `invalid
+    command 'bdist_wheel'`; setup.py now says what to install, before setuptools runs."""
+    code = (
+        "import sys, setuptools\n"
+        f"sys.modules[{hide!r}] = None\n"  # import of it fails, as in a bare venv
+        "setuptools.__version__ = '65.5.0'\n"
+        f"sys.argv = ['setup.py', {command!r}]\n"
+        "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__file__': 'setup.py'})\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode != 0
+    assert "smes-fused: building without build isolation needs" in r.stderr
+    assert words in r.stderr

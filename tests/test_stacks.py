@@ -1,6 +1,6 @@
 """SMES inside training stacks (issue 13): DDP, ZeroRedundancyOptimizer, FSDP2,
 torch.distributed.checkpoint, GradScaler, SWA, Lightning, the HF Trainer, and the scripts in
-examples/ (examples/README.md lists what each test covers).
+examples/ (README "Training stacks" lists what each test covers).
 
 The distributed tests run 2 gloo ranks on 127.0.0.1 (tests/_dist.py: a free port picked at run
 time, a process-group timeout, and a hard deadline after which the ranks are killed). To keep
