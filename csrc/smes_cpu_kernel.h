@@ -3,10 +3,11 @@
 // has internal linkage and includes nothing but builtins, so no inline function compiled for a
 // wider ISA can be picked by the linker for a narrower one.
 //
-// Values are GCC vectors of SMES_W floats; `smes_update` (smes_math.h) is the element rule.
-// (v/bc2)^p is our own vectorised 2^(p log2 v - p log2 bc2) (pow_hat below): relative error of
-// the update below 1.5e-6 for |p| <= 1 over the whole normal float range (test_power_accuracy),
-// with v = 0, denormals, inf and NaN handled as SPEC §1 requires.
+// Values are GCC vectors of SMES_W floats (on AVX2 at general p, blocks of several such vectors);
+// `smes_update` (smes_math.h) is the element rule. (v/bc2)^p is our own vectorised
+// 2^(p log2 v - p log2 bc2) (pow_hat below): relative error of the update below 2e-6 for
+// |p| <= 1 over the whole float range, denormal v included (test_power_accuracy,
+// test_avx2_power_accuracy), with v = 0, inf and NaN handled as SPEC §1 requires.
 
 #ifndef SMES_W
 #error "define SMES_W before including smes_cpu_kernel.h"
@@ -178,11 +179,19 @@ struct VecMath {
       return (V)_mm256_permutevar8x32_ps(tab, _mm256_castps_si256(x));
     }, k);  // fmt: skip
   }
+  // a b + c with one rounding, a or c a scalar (splat inside: a wide splat built outside the
+  // loop would be built element by element where GCC does not hoist it)
   template <class T>
-  SMES_CPU_INLINE T fma(T a, T b, T c) {  // a b + c, one rounding
-    return each([](V x, V y, V z) __attribute__((always_inline)) {
-      return (V)_mm256_fmadd_ps(x, y, z);
-    }, a, b, c);  // fmt: skip
+  SMES_CPU_INLINE T fma(float a, T b, T c) {
+    return each([a](V y, V z) __attribute__((always_inline)) {
+      return (V)_mm256_fmadd_ps(_mm256_set1_ps(a), y, z);
+    }, b, c);  // fmt: skip
+  }
+  template <class T>
+  SMES_CPU_INLINE T fma(T a, T b, float c) {
+    return each([c](V x, V y) __attribute__((always_inline)) {
+      return (V)_mm256_fmadd_ps(x, y, _mm256_set1_ps(c));
+    }, a, b);  // fmt: skip
   }
   // The exponent's constant part, shift - 127 p (shift = -p log2 bc2; 127 p: the exponent bias,
   // so that the biased exponent field converts straight to e), as hi + lo: hi, a multiple of 1/4,
@@ -193,7 +202,7 @@ struct VecMath {
   };
   SMES_CPU_INLINE Shift split_shift(const Scalars& s) {
     const double c = (double)s.log2_shift - 127.0 * (double)s.p;  // exact
-    const double hi = __builtin_round(c * 4.0) * 0.25;
+    const double hi = __builtin_rint(c * 4.0) * 0.25;
     return {(float)hi, (float)(c - hi)};
   }
   // kMagic = 1.5 * 2^21 + 254: r + kMagic has an ulp of 1/4 for |r| < 2^20, and its bits 11..2
@@ -214,16 +223,13 @@ struct VecMath {
   //   [-152, 129], where the result rounds to 0 or overflows to inf; s stays normal, so only the
   //   last product rounds to a denormal or to inf.
   // - v = 0, inf, NaN (and any negative v, which v never is): v itself for p > 0; for p < 0 the
-  //   bits 0x7f800000 - v (0 <-> inf, a NaN stays a NaN), as ~v + 0x7f800001. v is one of those
-  //   where bits + 0x7fffffff (wrapping) is not below 0xff7fffff as a signed integer, i.e. where
-  //   bits is not in [1, 0x7f7fffff].
+  //   bits 0x7f800000 - v (0 <-> inf, a NaN stays a NaN), as ~v + 0x7f800001.
   template <class T>
   SMES_CPU_INLINE T pow_hat(T v, const Scalars& s) {
     // Comparisons, blends, min/max and conversions go through `each` (GCC would split them on a
     // wide vector into single elements); the integer arithmetic is plain vector code.
     typedef uint32_t TU __attribute__((vector_size(sizeof(T))));
     const Shift sh = split_shift(s);
-    const T p = T{} + s.p;
     // log2. Denormals (bits below 2^23, and 0): the bits b convert exactly to b = v 2^149; less
     // 149 in the exponent field they are those of 2^23 v with 23 taken off the exponent field,
     // which then reads -22..0 while the mantissa field is that of a normal number.
@@ -237,7 +243,7 @@ struct VecMath {
     const TU ub = (TU)bits;
     const T mant = (T)((ub & 0x007fffffu) | 0x3f800000u);
     const T k = (T)(ub >> 20);  // bits 2..0 used: the top 3 mantissa bits
-    const T f = fma(mant, lookup(_mm256_load_ps(kRcp8), k), T{} - 1.0f);
+    const T f = fma(mant, lookup(_mm256_load_ps(kRcp8), k), -1.0f);
     T q = f * (s.p * 0.48230726f) + (s.p * -0.72239071f);
     q = f * q + (s.p * 1.4426936f);
     const __m256 tab = _mm256_fmadd_ps(splat(s.p), _mm256_load_ps(kLog8), splat(sh.lo));
@@ -247,8 +253,8 @@ struct VecMath {
     const T t = f * q + lookup(tab, k);
     // r and f
     const float magic = kMagic + sh.hi;  // exact: a multiple of 1/4 in [2^21, 2^22)
-    const T rm = fma(p, e, t) + magic;
-    const T fr = fma(p, e, magic - rm) + t;
+    const T rm = fma(s.p, e, t) + magic;
+    const T fr = fma(s.p, e, magic - rm) + t;
     // 2^r 2^f, r clamped on the bits (positive floats order as their bits do)
     const T b = each([](V x) __attribute__((always_inline)) {
       const __m256i lo = _mm256_castps_si256(_mm256_set1_ps(kMagic - 152.0f));
@@ -260,8 +266,9 @@ struct VecMath {
     T qe = fr * 0.055523101f + 0.24035256f;
     qe = fr * qe + 0.69314718f;
     const T r = (((te * fr) * qe + te) * sc) * sc;
-    // v = 0, inf, NaN
-    const TU neg = (TU{} + (s.p < 0.0f ? 0xffffffffu : 0u));
+    // v = 0, inf, NaN: v is one of those where bits + 0x7fffffff (wrapping) is not below
+    // 0xff7fffff as a signed integer, i.e. where bits is not in [1, 0x7f7fffff]
+    const uint32_t neg = s.p < 0.0f ? 0xffffffffu : 0u;
     const T special = (T)((((TU)v) ^ neg) + (neg & 0x7f800001u));
     return each([](V x, V res, V sp) __attribute__((always_inline)) {
       const __m256i w = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
