@@ -6,8 +6,8 @@
 // Values are GCC vectors of SMES_W floats (on AVX2 at general p, blocks of several such vectors);
 // `smes_update` (smes_math.h) is the element rule. (v/bc2)^p is our own vectorised
 // 2^(p log2 v - p log2 bc2) (pow_hat below): relative error of the update below 2e-6 for
-// |p| <= 1 over the whole float range, denormal v included (test_power_accuracy,
-// test_avx2_power_accuracy), with v = 0, inf and NaN handled as SPEC §1 requires.
+// |p| <= 1 over the whole float range, denormal v included (test_power_accuracy and
+// test_power_accuracy_whole_float_range), with v = 0, inf and NaN handled as SPEC §1 requires.
 
 #ifndef SMES_W
 #error "define SMES_W before including smes_cpu_kernel.h"
@@ -235,8 +235,8 @@ struct VecMath {
     // which then reads -22..0 while the mantissa field is that of a normal number.
     const T bits = each([](V x) __attribute__((always_inline)) {
       const __m256i b = _mm256_castps_si256(x);
-      const __m256i scaled =
-          _mm256_sub_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(b)), _mm256_set1_epi32(149 << 23));
+      const __m256i conv = _mm256_castps_si256(_mm256_cvtepi32_ps(b));
+      const __m256i scaled = _mm256_sub_epi32(conv, _mm256_set1_epi32(149 << 23));
       const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), b);
       return (V)_mm256_blendv_ps(x, _mm256_castsi256_ps(scaled), _mm256_castsi256_ps(tiny));
     }, v);  // fmt: skip
