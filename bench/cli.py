@@ -161,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         f"device: {env['device_name']} ({device.type}), {env['threads']} threads, "
         f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}"
     )
+    if device.type == "cpu":
+        print(
+            f"CPU kernel sets: SMES {env['smes_cpu_isa']} (SMES_CPU_ISA caps it), torch "
+            f"{env['torch_cpu_capability']} (ATEN_CPU_CAPABILITY caps it)"
+        )
     busy = env["load_avg_start"] > 0.25 * (os.cpu_count() or 1)
     if device.type == "cpu" and busy:
         print(

@@ -60,6 +60,15 @@ def smes_cpu_isa() -> str:
         return "none"
 
 
+def torch_cpu_capability() -> str:
+    """The instruction set of torch's own CPU kernels ("AVX512", "AVX2", "DEFAULT", ...; capped by
+    ATEN_CPU_CAPABILITY), or "unknown"."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # an older torch
+        return "unknown"
+
+
 def load_average() -> float:
     """The 1-minute load average (runnable threads, all processes), or NaN where unknown."""
     try:
@@ -86,6 +95,7 @@ def environment(device: torch.device) -> dict[str, object]:
         "python": platform.python_version(),
         "smes_fused": _version("smes_fused"),
         "smes_cpu_isa": smes_cpu_isa(),
+        "torch_cpu_capability": torch_cpu_capability(),
         "git_commit": git_commit(),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
     }

@@ -20,6 +20,7 @@ ENV_COLUMNS = (
     "python",
     "smes_fused",
     "smes_cpu_isa",
+    "torch_cpu_capability",
     "git_commit",
     "command",
 )

@@ -62,7 +62,11 @@ def main(argv=None) -> None:
     with open(args.csv, newline="") as f:
         rows = list(csv.DictReader(f))
     r = rows[0]
-    where = f"{r['command']}, commit {r['git_commit']}, {r['device_name']}, {r['threads']} threads"
+    where = (
+        f"{r['command']}, commit {r['git_commit']}, {r['device_name']}, {r['threads']} threads, "
+        f"CPU kernel sets: SMES {r.get('smes_cpu_isa', '?')}, "
+        f"torch {r.get('torch_cpu_capability', '?')}"
+    )
     print(f"<!-- python -m bench.summary {args.csv}: {where} -->")
     print(markdown(rows, args.backend))
 

@@ -3,10 +3,11 @@
 // has internal linkage and includes nothing but builtins, so no inline function compiled for a
 // wider ISA can be picked by the linker for a narrower one.
 //
-// Values are GCC vectors of SMES_W floats; `smes_update` (smes_math.h) is the element rule.
-// (v/bc2)^p is our own vectorised 2^(p log2 v - p log2 bc2) (pow_hat below): relative error of
-// the update below 1.5e-6 for |p| <= 1 over the whole normal float range (test_power_accuracy),
-// with v = 0, denormals, inf and NaN handled as SPEC §1 requires.
+// Values are GCC vectors of SMES_W floats (on AVX2 at general p, blocks of several such vectors);
+// `smes_update` (smes_math.h) is the element rule. (v/bc2)^p is our own vectorised
+// 2^(p log2 v - p log2 bc2) (pow_hat below): relative error of the update below 2e-6 for
+// |p| <= 1 over the whole float range, denormal v included (test_power_accuracy and
+// test_power_accuracy_whole_float_range), with v = 0, inf and NaN handled as SPEC §1 requires.
 
 #ifndef SMES_W
 #error "define SMES_W before including smes_cpu_kernel.h"
@@ -29,17 +30,59 @@ typedef _Float16 VF16 __attribute__((vector_size(2 * W)));
 SMES_CPU_INLINE V splat(float x) { return V{} + x; }
 
 struct VecMath {
-  SMES_CPU_INLINE V sqrt(V x) {
+  // The element-wise functions take V or, where segment passes a block of several vectors (AVX2
+  // at general p), a GCC vector of several V: `each` applies an operation on V to every piece.
+  template <class T, class Fn>
+  SMES_CPU_INLINE T each(Fn fn, T a) {
+    constexpr int K = sizeof(T) / sizeof(V);
+    V x[K];
+    __builtin_memcpy(x, &a, sizeof a);
+    for (int i = 0; i < K; ++i) x[i] = fn(x[i]);
+    T r;
+    __builtin_memcpy(&r, x, sizeof r);
+    return r;
+  }
+  template <class T, class Fn>
+  SMES_CPU_INLINE T each(Fn fn, T a, T b) {
+    constexpr int K = sizeof(T) / sizeof(V);
+    V x[K], y[K];
+    __builtin_memcpy(x, &a, sizeof a);
+    __builtin_memcpy(y, &b, sizeof b);
+    for (int i = 0; i < K; ++i) x[i] = fn(x[i], y[i]);
+    T r;
+    __builtin_memcpy(&r, x, sizeof r);
+    return r;
+  }
+  template <class T, class Fn>
+  SMES_CPU_INLINE T each(Fn fn, T a, T b, T c) {
+    constexpr int K = sizeof(T) / sizeof(V);
+    V x[K], y[K], z[K];
+    __builtin_memcpy(x, &a, sizeof a);
+    __builtin_memcpy(y, &b, sizeof b);
+    __builtin_memcpy(z, &c, sizeof c);
+    for (int i = 0; i < K; ++i) x[i] = fn(x[i], y[i], z[i]);
+    T r;
+    __builtin_memcpy(&r, x, sizeof r);
+    return r;
+  }
+
+  template <class T>
+  SMES_CPU_INLINE T sqrt(T x) {
 #if defined(SMES_SQRT)
-    return SMES_SQRT(x);
+    return each([](V a) __attribute__((always_inline)) { return (V)SMES_SQRT(a); }, x);
 #else
-    V r;
-    for (int i = 0; i < W; ++i) r[i] = __builtin_sqrtf(x[i]);
+    T r;
+    for (int i = 0; i < (int)(sizeof(T) / 4); ++i) r[i] = __builtin_sqrtf(x[i]);
     return r;
 #endif
   }
   // max(a, b) that propagates NaN from either side, as torch.maximum does.
-  SMES_CPU_INLINE V max_nan(V a, V b) { return (a < b || b != b) ? b : a; }
+  template <class T>
+  SMES_CPU_INLINE T max_nan(T a, T b) {
+    return each([](V x, V y) __attribute__((always_inline)) {
+      return (x < y || y != y) ? y : x;
+    }, a, b);  // fmt: skip
+  }
 
 #if SMES_W == 16
   // AVX-512: getexp/getmant split any input (denormals, 0, inf, NaN included), scalef scales with
@@ -108,6 +151,131 @@ struct VecMath {
     const V q = f * 0.24022706f + 0.69315755f;
     return _mm512_scalef_ps((t * f) * q + t, r);
   }
+#elif SMES_W == 8
+  // AVX2 + FMA: the AVX-512 scheme with 8-entry tables (vpermps) and degree-3 polynomials, which
+  // the smaller tables need for the same accuracy. AVX2 has no getexp/getmant/scalef/fixupimm:
+  // denormals are normalised through an integer conversion, 2^n is built from the exponent bits
+  // (squared, so that denormal and overflowing results round once, as scalef does), and v = 0,
+  // inf and NaN take their result from one blend at the end. The FMA pipes (two, shared with
+  // multiplies, blends and the divider) bound the kernel, so the rest is integer and add work.
+  // pow_hat is written for a block of K vectors (segment passes K = 4): each generic operation
+  // becomes K independent instructions in a row, which the out-of-order core overlaps; one
+  // vector's chain (about 60 instructions, 100+ cycles with the update) leaves it idle.
+  //
+  // Tables, for k = 0..7 (python: c = 1 + (k + .5) / 8; kRcp8[k] = float32(1 / c);
+  // kLog8[k] = float32(-log2(kRcp8[k])); kExp8[k] = float32(2 ** (k / 4))):
+  alignas(32) static constexpr float kRcp8[8] = {
+      0.94117647409f, 0.84210526943f, 0.76190477610f, 0.69565218687f,
+      0.63999998569f, 0.59259259701f, 0.55172413588f, 0.51612901688f};
+  alignas(32) static constexpr float kLog8[8] = {
+      0.08746283501f, 0.24792750180f, 0.39231738448f, 0.52356195450f,
+      0.64385622740f, 0.75488746166f, 0.85798102617f, 0.95419633389f};
+  alignas(32) static constexpr float kExp8[8] = {
+      1.00000000000f, 1.18920707703f, 1.41421353817f, 1.68179285526f,
+      2.00000000000f, 2.37841415405f, 2.82842707634f, 3.36358571053f};
+  template <class T>
+  SMES_CPU_INLINE T lookup(__m256 tab, T k) {  // tab[bits 2..0 of k], k holding integers
+    return each([tab](V x) __attribute__((always_inline)) {
+      return (V)_mm256_permutevar8x32_ps(tab, _mm256_castps_si256(x));
+    }, k);  // fmt: skip
+  }
+  // a b + c with one rounding, a or c a scalar (splat inside: a wide splat built outside the
+  // loop would be built element by element where GCC does not hoist it)
+  template <class T>
+  SMES_CPU_INLINE T fma(float a, T b, T c) {
+    return each([a](V y, V z) __attribute__((always_inline)) {
+      return (V)_mm256_fmadd_ps(_mm256_set1_ps(a), y, z);
+    }, b, c);  // fmt: skip
+  }
+  template <class T>
+  SMES_CPU_INLINE T fma(T a, T b, float c) {
+    return each([c](V x, V y) __attribute__((always_inline)) {
+      return (V)_mm256_fmadd_ps(x, y, _mm256_set1_ps(c));
+    }, a, b);  // fmt: skip
+  }
+  // The exponent's constant part, shift - 127 p (shift = -p log2 bc2; 127 p: the exponent bias,
+  // so that the biased exponent field converts straight to e), as hi + lo: hi, a multiple of 1/4,
+  // joins the rounding constant and lo (|lo| <= 1/8) the log2 table, so that t stays below
+  // |p| + 1/4 and each of its roundings costs 3e-8 of the exponent (5e-7 at |shift| ~ 10).
+  struct Shift {
+    float hi, lo;
+  };
+  SMES_CPU_INLINE Shift split_shift(const Scalars& s) {
+    const double c = (double)s.log2_shift - 127.0 * (double)s.p;  // exact
+    const double hi = __builtin_rint(c * 4.0) * 0.25;
+    return {(float)hi, (float)(c - hi)};
+  }
+  // kMagic = 1.5 * 2^21 + 254: r + kMagic has an ulp of 1/4 for |r| < 2^20, and its bits 11..2
+  // are n + 254 for n = floor(r) (bits 1..0: 4 r mod 4).
+  static constexpr float kMagic = 3145982.0f;
+  template <class T>
+  SMES_CPU_INLINE T quot(T m, T d) { return m / d; }
+
+  // (v / bc2)^p = 2^(p (e - 127) + p l + shift) for v = mant 2^(e - 127) > 0:
+  // - log2: e the biased exponent field (exact), l = log2(mant) = kLog8[k] + log2(1 + f),
+  //   f = mant * kRcp8[k] - 1 (|f| < 0.059, one rounding) for k the top 3 mantissa bits,
+  //   log2(1 + f) = f (c1 + c2 f + c3 f^2) (absolute error 7.5e-7); t = p l + lo with p and lo
+  //   folded into the table and the coefficients.
+  // - r: p e + t rounded, then (with hi) rounded to a multiple of 1/4 by the magic-number add; the
+  //   fraction f = (p e - r) + t takes p e - r from one FMA, whose result (about -t) is small.
+  // - 2^r 2^f = kExp8[4 (r mod 2)] s^2 2^f with s = 2^floor(n / 2), both read from the bits of
+  //   r + kMagic, and 2^f = 1 + f (c1 + c2 f + c3 f^2) (relative error 4.3e-7). r is clamped to
+  //   [-152, 129], where the result rounds to 0 or overflows to inf; s stays normal, so only the
+  //   last product rounds to a denormal or to inf.
+  // - v = 0, inf, NaN (and any negative v, which v never is): v itself for p > 0; for p < 0 the
+  //   bits 0x7f800000 - v (0 <-> inf, a NaN stays a NaN), as ~v + 0x7f800001.
+  template <class T>
+  SMES_CPU_INLINE T pow_hat(T v, const Scalars& s) {
+    // Comparisons, blends, min/max and conversions go through `each` (GCC would split them on a
+    // wide vector into single elements); the integer arithmetic is plain vector code.
+    typedef uint32_t TU __attribute__((vector_size(sizeof(T))));
+    const Shift sh = split_shift(s);
+    // log2. Denormals (bits below 2^23, and 0): the bits b convert exactly to b = v 2^149; less
+    // 149 in the exponent field they are those of 2^23 v with 23 taken off the exponent field,
+    // which then reads -22..0 while the mantissa field is that of a normal number.
+    const T bits = each([](V x) __attribute__((always_inline)) {
+      const __m256i b = _mm256_castps_si256(x);
+      const __m256i conv = _mm256_castps_si256(_mm256_cvtepi32_ps(b));
+      const __m256i scaled = _mm256_sub_epi32(conv, _mm256_set1_epi32(149 << 23));
+      const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), b);
+      return (V)_mm256_blendv_ps(x, _mm256_castsi256_ps(scaled), _mm256_castsi256_ps(tiny));
+    }, v);  // fmt: skip
+    const TU ub = (TU)bits;
+    const T mant = (T)((ub & 0x007fffffu) | 0x3f800000u);
+    const T k = (T)(ub >> 20);  // bits 2..0 used: the top 3 mantissa bits
+    const T f = fma(mant, lookup(_mm256_load_ps(kRcp8), k), -1.0f);
+    T q = f * (s.p * 0.48230726f) + (s.p * -0.72239071f);
+    q = f * q + (s.p * 1.4426936f);
+    const __m256 tab = _mm256_fmadd_ps(splat(s.p), _mm256_load_ps(kLog8), splat(sh.lo));
+    const T e = each([](V x) __attribute__((always_inline)) {  // the exponent field, -22..254
+      return (V)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_castps_si256(x), 23));
+    }, bits);  // fmt: skip
+    const T t = f * q + lookup(tab, k);
+    // r and f
+    const float magic = kMagic + sh.hi;  // exact: a multiple of 1/4 in [2^21, 2^22)
+    const T rm = fma(s.p, e, t) + magic;
+    const T fr = fma(s.p, e, magic - rm) + t;
+    // 2^r 2^f, r clamped on the bits (positive floats order as their bits do)
+    const T b = each([](V x) __attribute__((always_inline)) {
+      const __m256i lo = _mm256_castps_si256(_mm256_set1_ps(kMagic - 152.0f));
+      const __m256i hi = _mm256_castps_si256(_mm256_set1_ps(kMagic + 129.0f));
+      return (V)_mm256_min_epi32(_mm256_max_epi32(_mm256_castps_si256(x), lo), hi);
+    }, rm);  // fmt: skip
+    const T te = lookup(_mm256_load_ps(kExp8), b);
+    const T sc = (T)((((TU)b) >> 3) << 23);
+    T qe = fr * 0.055523101f + 0.24035256f;
+    qe = fr * qe + 0.69314718f;
+    const T r = (((te * fr) * qe + te) * sc) * sc;
+    // v = 0, inf, NaN: v is one of those where bits + 0x7fffffff (wrapping) is not below
+    // 0xff7fffff as a signed integer, i.e. where bits is not in [1, 0x7f7fffff]
+    const uint32_t neg = s.p < 0.0f ? 0xffffffffu : 0u;
+    const T special = (T)((((TU)v) ^ neg) + (neg & 0x7f800001u));
+    return each([](V x, V res, V sp) __attribute__((always_inline)) {
+      const __m256i w = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
+      const __m256i ordinary = _mm256_cmpgt_epi32(_mm256_set1_epi32(-8388609), w);
+      return (V)_mm256_blendv_ps(sp, res, _mm256_castsi256_ps(ordinary));
+    }, v, r, special);  // fmt: skip
+  }
 #else
   // log2 x = e + l: e integral (exact; -inf at 0, x itself at inf/NaN), l = log2(mant), mant in
   // [sqrt(1/2), sqrt(2)). Inputs are v >= 0 or NaN (v = beta2 v + (1 - beta2) g^2).
@@ -164,6 +332,7 @@ struct VecMath {
   }
 #endif
 
+#if SMES_W != 8  // AVX2: pow_hat above
   // (v / bc2)^p = 2^(p log2 v - p log2 bc2) = 2^(p e + t), e = floor(log2 v) integral
   // (|e| <= 150), never rounding the large part p e: a few ulps over the whole float range.
   SMES_CPU_INLINE V pow_hat(V v, const Scalars& s) {
@@ -187,6 +356,7 @@ struct VecMath {
     return exp2_2(hi, lo);
 #endif
   }
+#endif
 };
 
 // Loads and stores of W elements, converting to and from float32.
@@ -237,6 +407,28 @@ SMES_CPU_INLINE void store_n(T* p, V x, int n) {
   __builtin_memcpy(p, buf, n * sizeof(T));
 }
 
+// Blocks of kBlock vectors as one GCC vector (segment, AVX2 at general p).
+template <class VB, class T>
+SMES_CPU_INLINE VB load_block(const T* p) {
+  constexpr int K = sizeof(VB) / sizeof(V);
+  V x[K];
+  for (int k = 0; k < K; ++k) x[k] = load(p + k * W);
+  VB r;
+  __builtin_memcpy(&r, x, sizeof r);
+  return r;
+}
+template <class VB, class T>
+SMES_CPU_INLINE void store_block(T* p, VB b) {
+  constexpr int K = sizeof(VB) / sizeof(V);
+  V x[K];
+  __builtin_memcpy(x, &b, sizeof b);
+  for (int k = 0; k < K; ++k) store(p + k * W, x[k]);
+}
+#ifndef SMES_AVX2_BLOCK
+#define SMES_AVX2_BLOCK 4
+#endif
+constexpr int kBlock = SMES_AVX2_BLOCK;
+
 // Software prefetch distance in elements (0: off). Measured on an AMD EPYC (Zen 4): 256, 512
 // and 2048 were all slower than the hardware prefetcher alone.
 #ifndef SMES_PREFETCH
@@ -258,6 +450,31 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
     const int64_t n = hi - lo;
     int64_t i = 0;
     V v = {}, x = {};
+#if SMES_W == 8
+    if constexpr (PC == P_GENERAL) {
+      // AVX2, general p: kBlock vectors per call of the rule, as one wide GCC vector, so that
+      // their dependency chains interleave instruction by instruction (see VecMath::pow_hat).
+      typedef float VB __attribute__((vector_size(sizeof(V) * kBlock)));
+      VB vb = {}, xb = {};
+      for (; i + kBlock * W <= n; i += kBlock * W) {
+        if (kPrefetch > 0) {
+          __builtin_prefetch(pp + i + kPrefetch, 1);
+          __builtin_prefetch(gp + i + kPrefetch, 0);
+          __builtin_prefetch(mp + i + kPrefetch, 1);
+          __builtin_prefetch(vp + i + kPrefetch, 1);
+          if (AMS) __builtin_prefetch(xp + i + kPrefetch, 1);
+        }
+        VB th = load_block<VB>(pp + i), g = load_block<VB>(gp + i), m = load_block<VB>(mp + i);
+        vb = load_block<VB>(vp + i);
+        if (AMS) xb = load_block<VB>(xp + i);
+        smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, vb, xb, s);
+        store_block(pp + i, th);
+        store_block(mp + i, m);
+        store_block(vp + i, vb);
+        if (AMS) store_block(xp + i, xb);
+      }
+    }
+#endif
     // Two vectors per iteration: two independent dependency chains (the general-p chain is
     // about 140 cycles long) keep the out-of-order window busy.
     for (; i + 2 * W <= n; i += 2 * W) {
