@@ -59,7 +59,7 @@ class HyperTable:
         self.table: Tensor | None = None
         self.lrs: list = []
 
-    def update(self, hypers: list[Hyper], device: torch.device) -> Tensor:
+    def update(self, hypers: list[Hyper], device: torch.device | None = None) -> Tensor:
         runs: list = []
         prev = None
         count = 0
@@ -75,7 +75,7 @@ class HyperTable:
         if prev is not None:
             runs.append((count, prev))
         self.update_runs(runs)
-        self.lrs = self._lrs(hypers, device) if tensor_lr else []
+        self.lrs = self._lrs(hypers, device or torch.device(self.device_type)) if tensor_lr else []
         return self.table
 
     def update_runs(self, runs: list[tuple[int, Hyper]]) -> Tensor:
