@@ -28,9 +28,13 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
     m, m_cast = _cast(b.exp_avgs, cd)
     # Under torch.compile too: host step counts read with .item() would specialise the graph on
     # every step's count (a recompile per step).
-    on_device = (
-        isinstance(h.lr, Tensor) or b.steps[0].device.type != "cpu" or torch.compiler.is_compiling()
-    )
+    compiling = torch.compiler.is_compiling()
+    on_device = isinstance(h.lr, Tensor) or b.steps[0].device.type != "cpu" or compiling
+    # A float lr under torch.compile enters as a float64 tensor (ones * lr: inductor keeps it
+    # symbolic, where a Python scalar argument of a foreach op would specialise on its value).
+    lr = h.lr
+    if compiling and not isinstance(lr, Tensor):
+        lr = torch.ones((), dtype=torch.float64, device=b.params[0].device) * lr
 
     if h.maximize:
         g = torch._foreach_neg(g)
@@ -38,7 +42,7 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
         g = torch._foreach_mul(g, grad_scale.to(cd).reciprocal())
     if h.weight_decay != 0:
         if h.decoupled:
-            torch._foreach_mul_(theta, 1 - h.lr * h.weight_decay)
+            torch._foreach_mul_(theta, 1 - lr * h.weight_decay)
         else:
             g = torch._foreach_add(g, theta, alpha=h.weight_decay)
     torch._foreach_lerp_(m, g, 1 - h.beta1)
@@ -61,10 +65,10 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
     # Bias corrections and step sizes: float64 Python numbers, or float64 device scalars.
     if on_device:
         t = [s.to(torch.float64) for s in b.steps]
-        lr = h.lr.to(b.params[0].device, torch.float64) if isinstance(h.lr, Tensor) else h.lr
+        if isinstance(lr, Tensor):
+            lr = lr.to(b.params[0].device, torch.float64)
     else:
         t = [s.item() for s in b.steps]
-        lr = h.lr
     if h.bias_correction:
         bc1 = [1 - h.beta1**ti for ti in t]
         bc2 = [1 - h.beta2**ti for ti in t]
