@@ -501,3 +501,40 @@ def test_print_worst_ratios():
     for k, v in sorted(WORST.items()):
         print(f"worst ratio {k}: {v:.3g}")
     assert all(math.isfinite(v) for v in WORST.values())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU run (on a GPU: test_cuda_gpu)")
+def test_dtensor_params_step_their_local_shards(tmp_path):
+    """Issue 14 item 1: the address table read data_ptr() of DTensor params (0), and the
+    interpreter segfaulted. The optimizer now hands every backend the local shards."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.tensor import DTensor, distribute_tensor, init_device_mesh
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1
+        )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        full = torch.randn(16, 8)
+        p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh))
+        r = torch.nn.Parameter(full.clone())
+        opt = smes_fused.SMES([p], exponent=-0.08, backend="triton")
+        ref = smes_fused.SMES([r], exponent=-0.08, backend="reference")
+        for _ in range(3):
+            g = torch.randn(16, 8)
+            p.grad = distribute_tensor(g.clone(), mesh)
+            r.grad = g
+            opt.step()
+            ref.step()
+        assert isinstance(opt.state[p]["exp_avg"], DTensor)
+        assert not isinstance(opt.state[p]["step"], DTensor)
+        torch.testing.assert_close(p.full_tensor(), r, rtol=1e-5, atol=1e-6)
+    finally:
+        if own:
+            dist.destroy_process_group()
