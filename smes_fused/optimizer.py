@@ -515,6 +515,7 @@ class _Plan:
 
     def __init__(self, opt: SMES, hypers: list, grads: list) -> None:
         groups = opt.param_groups
+        functional.check_grads([p for group in groups for p in group["params"]], grads)
         todo = []  # (flat index, param, group index, state dtype)
         keys: set[BucketKey] = set()
         flat = 0
@@ -522,7 +523,7 @@ class _Plan:
             for p in group["params"]:
                 g = grads[flat]
                 if g is not None:
-                    functional.check_grad(p, g)
+                    functional.check_param(p)  # params appended to a group by hand, too
                     state = opt.state.get(p)
                     if state and "exp_avg" in state:
                         _check_state(p, state)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._bucket import Bucket, BucketKey, Hyper
-from . import register
+from . import get, register
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -216,9 +216,7 @@ class CompiledBackend:
             # apply the bucket with the per-tensor reference path instead.
             if "smes_fused: layout" not in str(e):
                 raise
-            from .reference import ReferenceBackend
-
-            ReferenceBackend()(bucket, grad_scale=grad_scale, found_inf=found_inf)
+            get("reference")(bucket, grad_scale=grad_scale, found_inf=found_inf)
 
 
 class FastBucket:

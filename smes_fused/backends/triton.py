@@ -21,7 +21,7 @@ import sys
 import torch
 
 from .._bucket import Bucket, BucketKey
-from . import register
+from . import get, register
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNELS = "smes_fused.triton_kernels.smes"
@@ -145,8 +145,6 @@ class TritonBackend:
         )
 
     def _split(self, _k, b: Bucket, variant, grad_scale, found_inf) -> None:
-        from .reference import ReferenceBackend
-
         ok = [
             _k.smes_checks.walkable(*t)
             for t in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs)
@@ -155,7 +153,7 @@ class TritonBackend:
         slow = [i for i, x in enumerate(ok) if not x]
         if fast:
             self._launch(_k, b.subset(fast), variant, grad_scale, found_inf)
-        ReferenceBackend()(b.subset(slow), grad_scale=grad_scale, found_inf=found_inf)
+        get("reference")(b.subset(slow), grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _traced_step(bucket: Bucket, variant, grad_scale, found_inf) -> None:
