@@ -3,7 +3,8 @@
 A bucket holds every tensor of the optimizer that shares (device, param dtype, state dtype),
 across all param groups. Hyperparameters travel per tensor (`Bucket.hypers[i]`), so param groups
 never split a bucket. The structural switches that change memory traffic (exponent class,
-whether ``v`` is tracked, weight-decay mode, amsgrad, maximize) form a :class:`Variant`; fused
+whether ``v`` is tracked, weight-decay mode, amsgrad, maximize, projection) form a
+:class:`Variant`; fused
 backends compile one kernel per variant and may launch once per variant present in a bucket
 (usually one).
 """
@@ -38,6 +39,7 @@ class Variant(NamedTuple):
     decoupled: bool  # decoupled (AdamW) weight decay, else L2 added to the gradient
     amsgrad: bool  # v_max tracked and used (only when track_v)
     maximize: bool
+    projection: bool  # AdamP/SGDP: a row-statistics pass before the update (SPEC §4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,12 @@ class Hyper:
     maximize: bool
     bias_correction: bool
     track_v: bool
+    # SPEC §4 extensions (defaults: plain SMES).
+    projection: bool = False
+    projection_delta: float = 0.1
+    projection_wd_ratio: float = 0.1
+    rectify: bool = False
+    second_moment_sum: bool = False  # AdaGrad: v ← v + g², no bc2
 
     @property
     def variant(self) -> Variant:
@@ -64,6 +72,7 @@ class Hyper:
             self.decoupled,
             self.amsgrad and self.track_v,
             self.maximize,
+            self.projection,
         )
 
 

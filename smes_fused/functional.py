@@ -54,6 +54,11 @@ def check_hyper(
     weight_decay,
     exponent,
     track_second_moment: bool = True,
+    projection=False,
+    projection_delta=0.1,
+    projection_wd_ratio=0.1,
+    rectify=False,
+    second_moment="ema",
 ) -> None:
     """Raise ValueError/TypeError naming the parameter, its value and the accepted range."""
     if isinstance(lr, Tensor):
@@ -99,6 +104,20 @@ def check_hyper(
         raise ValueError(
             f"Invalid exponent: {p} for a group created with exponent=0, which keeps no "
             "exp_avg_sq; create the group with track_second_moment=True to change its exponent"
+        )
+    for name, flag in (("projection", projection), ("rectify", rectify)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"Invalid {name}: {flag!r}; expected True or False")
+    delta = _real("projection_delta", projection_delta)
+    if delta < 0:
+        raise ValueError(f"Invalid projection_delta: {delta}; expected projection_delta >= 0")
+    ratio = _real("projection_wd_ratio", projection_wd_ratio)
+    if ratio < 0:
+        raise ValueError(f"Invalid projection_wd_ratio: {ratio}; expected projection_wd_ratio >= 0")
+    if second_moment not in ("ema", "sum"):
+        raise ValueError(
+            f"Invalid second_moment: {second_moment!r}; expected 'ema' (Adam's moving average) "
+            "or 'sum' (AdaGrad's accumulation)"
         )
 
 
@@ -171,6 +190,11 @@ def make_hyper(
     maximize,
     bias_correction,
     track_second_moment,
+    projection=False,
+    projection_delta=0.1,
+    projection_wd_ratio=0.1,
+    rectify=False,
+    second_moment="ema",
 ) -> Hyper:
     """Validated hyperparameters (see :func:`check_hyper`) as the backends read them."""
     check_hyper(
@@ -180,6 +204,11 @@ def make_hyper(
         weight_decay=weight_decay,
         exponent=exponent,
         track_second_moment=track_second_moment,
+        projection=projection,
+        projection_delta=projection_delta,
+        projection_wd_ratio=projection_wd_ratio,
+        rectify=rectify,
+        second_moment=second_moment,
     )
     return Hyper(
         # A tensor lr of any shape with one element ([], [1], [1, 1]) is read through a 0-d view,
@@ -198,6 +227,11 @@ def make_hyper(
         maximize=bool(maximize),
         bias_correction=bool(bias_correction),
         track_v=bool(track_second_moment),
+        projection=projection,
+        projection_delta=float(projection_delta),
+        projection_wd_ratio=float(projection_wd_ratio),
+        rectify=rectify,
+        second_moment_sum=second_moment == "sum",
     )
 
 
@@ -250,6 +284,11 @@ def smes(
     amsgrad: bool = False,
     maximize: bool = False,
     bias_correction: bool = True,
+    projection: bool = False,
+    projection_delta: float = 0.1,
+    projection_wd_ratio: float = 0.1,
+    rectify: bool = False,
+    second_moment: str = "ema",
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     backend: str = "auto",
@@ -283,6 +322,11 @@ def smes(
         maximize=maximize,
         bias_correction=bias_correction,
         track_second_moment=track_v,
+        projection=projection,
+        projection_delta=projection_delta,
+        projection_wd_ratio=projection_wd_ratio,
+        rectify=rectify,
+        second_moment=second_moment,
     )
     grad_scale = scalar_tensor("grad_scale", grad_scale)
     found_inf = scalar_tensor("found_inf", found_inf)

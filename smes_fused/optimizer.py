@@ -44,6 +44,16 @@ def lr_for_exponent(exponent: float, adamw_lr: float = 1e-3, typical_grad: float
     return adamw_lr * typical_grad ** (2.0 * exponent - 1.0)
 
 
+# SPEC §4 options: a group (or a pickle / checkpoint) made before they existed has their defaults.
+_EXTENSION_DEFAULTS = dict(
+    projection=False,
+    projection_delta=0.1,
+    projection_wd_ratio=0.1,
+    rectify=False,
+    second_moment="ema",
+)
+
+
 class SMES(Optimizer):
     r"""Second-Moment Exponential Scaling: Adam whose denominator is :math:`\hat v^p`.
 
@@ -82,6 +92,15 @@ class SMES(Optimizer):
         bias_correction: divide by 1 − β^t. Default True.
         track_second_moment: keep ``exp_avg_sq`` even at p = 0 (needed to change p later, e.g.
             an exponent schedule). Default: ``exponent != 0``.
+        projection: AdamP/SGDP's projection (SPEC §4): for tensors of dim > 1 whose gradient is
+            nearly orthogonal to the weight (per output channel, then per layer: max |cos| <
+            ``projection_delta``/sqrt(row length)), remove the radial component of the update
+            and scale the decoupled decay by ``projection_wd_ratio``. Default False.
+        projection_delta, projection_wd_ratio: AdamP's ``delta`` (0.1) and ``wd_ratio`` (0.1).
+        rectify: RAdam's rectification at any exponent: while ρ_t ≤ 5 the step is the momentum
+            step (D = 1 + ε), then the adaptive step times r_t. Default False.
+        second_moment: ``"ema"`` (default, Adam's moving average) or ``"sum"`` (AdaGrad:
+            v ← v + g², no second bias correction).
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq``. Default (None): float32 for 16-bit
             params, the param's dtype otherwise; ``"param"``: always the param's dtype.
         capturable: keep ``step`` on the param's device and compute bias corrections there, so
@@ -111,6 +130,11 @@ class SMES(Optimizer):
         maximize: bool = False,
         bias_correction: bool = True,
         track_second_moment: bool | None = None,
+        projection: bool = False,
+        projection_delta: float = 0.1,
+        projection_wd_ratio: float = 0.1,
+        rectify: bool = False,
+        second_moment: str = "ema",
         state_dtype: torch.dtype | str | None = None,
         capturable: bool = False,
         backend: str = "auto",
@@ -132,6 +156,11 @@ class SMES(Optimizer):
             maximize=maximize,
             bias_correction=bias_correction,
             track_second_moment=track_second_moment,
+            projection=projection,
+            projection_delta=projection_delta,
+            projection_wd_ratio=projection_wd_ratio,
+            rectify=rectify,
+            second_moment=second_moment,
             state_dtype=state_dtype,
             capturable=capturable,
             # torch.optim.Adam(W)'s keys, so an SMES state_dict loads into AdamW unchanged.
@@ -163,6 +192,9 @@ class SMES(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")  # pickles from before these were kept
         self.__dict__.setdefault("amp_unscale", "step")
+        for group in self.param_groups:  # options added since the pickle was made
+            for k, v in _EXTENSION_DEFAULTS.items():
+                group.setdefault(k, v)
 
     # ---------------------------------------------------------------- groups and validation
 
@@ -478,6 +510,11 @@ def _group_hyper(group: dict):
         maximize=group["maximize"],
         bias_correction=group["bias_correction"],
         track_second_moment=group["track_second_moment"],
+        projection=group["projection"],
+        projection_delta=group["projection_delta"],
+        projection_wd_ratio=group["projection_wd_ratio"],
+        rectify=group["rectify"],
+        second_moment=group["second_moment"],
     )
 
 

@@ -39,6 +39,11 @@ def spec_step(
     grad_scale=None,
     dtype=torch.float64,
     fused_l2=False,
+    projection=False,
+    projection_delta=0.1,
+    projection_wd_ratio=0.1,
+    rectify=False,
+    second_moment="ema",
 ):
     """One step of SPEC §1. Returns new (param, m, v, vmax) in ``dtype`` (v/vmax None if absent).
 
@@ -55,25 +60,51 @@ def spec_step(
         g = -g
     if grad_scale is not None:
         g = g * (1.0 / float(grad_scale))
+    g_cos = g  # SPEC §4: projection's cosine uses the gradient before L2
+    decay = 1.0
     if weight_decay != 0:
         if decoupled_weight_decay:
-            th = th * (1 - lr * weight_decay)
+            decay = 1 - lr * weight_decay
         else:
             g = torch.add(g, th, alpha=weight_decay) if fused_l2 else g + weight_decay * th
     m = b1 * m + (1 - b1) * g
     if v is not None:
-        v = b2 * v + (1 - b2) * g * g
+        v = v + g * g if second_moment == "sum" else b2 * v + (1 - b2) * g * g
         if amsgrad:
             vmax = torch.maximum(vmax, v)
     bc1, bc2 = (1 - b1**step, 1 - b2**step) if bias_correction else (1.0, 1.0)
+    if second_moment == "sum":
+        bc2 = 1.0
     vv = vmax if (amsgrad and v is not None) else v
-    if exponent == 0:
+    adaptive, r = True, 1.0
+    if rectify and exponent != 0:
+        rho_inf = 2 / (1 - b2) - 1
+        rho_t = rho_inf - 2 * step * b2**step / (1 - b2**step)
+        adaptive = rho_t > 5
+        if adaptive:
+            num = (rho_t - 4) * (rho_t - 2) * rho_inf
+            r = math.sqrt(num / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    if exponent == 0 or not adaptive:
         d = torch.full_like(th, 1 + eps)
     elif exponent == 0.5:
         d = vv.sqrt() / math.sqrt(bc2) + eps
     else:
         d = (vv / bc2) ** exponent + eps
-    th = th - (lr / bc1) * (m / d)
+    u = m / d * r
+    if projection and th.dim() > 1 and th.numel() > 0:
+        # SPEC §4, from the spec: per output channel, then per layer
+        for rows in (th.shape[0], 1):
+            t2, g2 = th.reshape(rows, -1), g_cos.reshape(rows, -1)
+            tn, gn = t2.norm(dim=1), g2.norm(dim=1)
+            cos = ((t2 * g2).sum(1) / (tn.clamp_min(eps) * gn.clamp_min(eps))).abs()
+            if cos.max() < projection_delta / math.sqrt(t2.shape[1]):
+                unit = t2 / (tn[:, None] + eps)
+                u2 = u.reshape(rows, -1)
+                u = (u2 - unit * (unit * u2).sum(1, keepdim=True)).reshape(th.shape)
+                if decoupled_weight_decay and weight_decay != 0:
+                    decay = 1 - lr * weight_decay * projection_wd_ratio
+                break
+    th = th * decay - (lr / bc1) * u
     return th, m, v, vmax
 
 

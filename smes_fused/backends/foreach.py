@@ -8,11 +8,14 @@ order); step counts on the device (``capturable``) or a tensor lr keep everythin
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype
 from . import register
+from .reference import rectification
 
 
 def _cast(ts: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
@@ -40,9 +43,12 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
         g = torch._foreach_neg(g)
     if grad_scale is not None:
         g = torch._foreach_mul(g, grad_scale.to(cd).reciprocal())
+    extended = h.projection or h.rectify  # SPEC §4: the update direction is computed first
+    g_cos = g
     if h.weight_decay != 0:
         if h.decoupled:
-            torch._foreach_mul_(theta, 1 - lr * h.weight_decay)
+            if not extended:
+                torch._foreach_mul_(theta, 1 - lr * h.weight_decay)
         else:
             g = torch._foreach_add(g, theta, alpha=h.weight_decay)
     torch._foreach_lerp_(m, g, 1 - h.beta1)
@@ -50,8 +56,11 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
     vv = None
     if h.track_v:
         v, v_cast = _cast(b.exp_avg_sqs, cd)
-        torch._foreach_mul_(v, h.beta2)
-        torch._foreach_addcmul_(v, g, g, 1 - h.beta2)
+        if h.second_moment_sum:  # AdaGrad
+            torch._foreach_addcmul_(v, g, g)
+        else:
+            torch._foreach_mul_(v, h.beta2)
+            torch._foreach_addcmul_(v, g, g, 1 - h.beta2)
         if v_cast:
             torch._foreach_copy_(b.exp_avg_sqs, v)
         vv = v
@@ -74,6 +83,15 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
         bc2 = [1 - h.beta2**ti for ti in t]
     else:
         bc1 = bc2 = [1.0] * len(t)
+    if h.second_moment_sum:
+        bc2 = [1.0] * len(t)
+    if extended:
+        _extended_update(b, h, theta, g_cos, m, vv, t, bc1, bc2, lr, cd)
+        if m_cast:
+            torch._foreach_copy_(b.exp_avgs, m)
+        if theta_cast:
+            torch._foreach_copy_(b.params, theta)
+        return
     neg_step = [-(lr / x) for x in bc1]
     if on_device:
         neg_step = [
@@ -107,6 +125,61 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
         torch._foreach_copy_(b.exp_avgs, m)
     if theta_cast:
         torch._foreach_copy_(b.params, theta)
+
+
+def _extended_update(b: Bucket, h: Hyper, theta, g_cos, m, vv, t, bc1, bc2, lr, cd) -> None:
+    """θ ← θ·decay − (η/bc1)·u with rectification and projection (SPEC §4), per tensor on the
+    device (no host sync: the decisions are tensors where the step counts are)."""
+    p_class = h.variant.p_class
+    if p_class == P_ZERO:
+        u = list(torch._foreach_div(m, 1 + h.eps))
+    else:
+        if p_class == P_HALF:
+            d = torch._foreach_sqrt(vv)
+            torch._foreach_div_(d, [x**0.5 for x in bc2])
+        else:
+            d = torch._foreach_div(vv, bc2)
+            d = torch._foreach_pow(d, h.exponent)
+        torch._foreach_add_(d, h.eps)
+        u = list(torch._foreach_div(m, d))
+    wd = h.weight_decay if h.decoupled else 0.0
+    for i in range(len(u)):
+        if h.rectify and p_class != P_ZERO:
+            adaptive, r = rectification(h, t[i])
+            if isinstance(adaptive, Tensor):
+                u[i] = torch.where(adaptive, u[i] * r.to(cd), m[i] / (1 + h.eps))
+            elif adaptive:
+                u[i] = u[i] * r
+            else:
+                u[i] = m[i] / (1 + h.eps)
+        ratio = 1.0
+        if h.projection and theta[i].dim() > 1 and theta[i].numel() > 0:
+            u[i], projected = project_on_device(theta[i], g_cos[i], u[i], h.projection_delta, h.eps)
+            ratio = torch.where(projected, h.projection_wd_ratio, 1.0).to(cd)
+        if wd != 0:
+            theta[i].mul_(1 - lr * wd * ratio)
+        theta[i].sub_(u[i] * (lr / bc1[i]))
+
+
+def project_on_device(theta: Tensor, g: Tensor, u: Tensor, delta: float, eps: float):
+    """:func:`reference.project` without a host sync: (u, projected as a bool tensor)."""
+    shape = theta.shape
+    rows = shape[0]
+    t2, g2, u2 = theta.reshape(rows, -1), g.reshape(rows, -1), u.reshape(rows, -1)
+    tt, gg = (t2 * t2).sum(1), (g2 * g2).sum(1)
+    tg, tu = (t2 * g2).sum(1), (t2 * u2).sum(1)
+    tn, gn = tt.sqrt(), gg.sqrt()
+    cos = (tg / (tn.clamp_min(eps) * gn.clamp_min(eps))).abs()
+    by_row = cos.amax() < delta / math.sqrt(t2.shape[1])
+    tn_all, gn_all = tt.sum().sqrt(), gg.sum().sqrt()
+    cos_all = (tg.sum() / (tn_all.clamp_min(eps) * gn_all.clamp_min(eps))).abs()
+    by_layer = cos_all < delta / math.sqrt(theta.numel())
+    # u ← u − θ·k per row: k = Σ_row(θu)/(‖θ‖_row + eps)² (channel) or the layer's (layer)
+    k_row = tu / (tn + eps) ** 2
+    k_layer = tu.sum() / (tn_all + eps) ** 2
+    zero = torch.zeros_like(k_row)
+    k = torch.where(by_row, k_row, torch.where(by_layer, k_layer.expand_as(k_row), zero))
+    return (u2 - t2 * k[:, None]).reshape(shape), by_row | by_layer
 
 
 class ForeachBackend:

@@ -7,7 +7,10 @@ float64 evaluation in the tests. It favours clarity over speed, and syncs with t
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype
@@ -17,6 +20,43 @@ from . import register
 def _value(t: Tensor):
     """A host step count as a Python float; a device one stays a tensor (capturable)."""
     return t.item() if t.device.type == "cpu" else t.double()
+
+
+def rectification(h: Hyper, t):
+    """RAdam's (adaptive, r_t) at step ``t`` (SPEC §4): while ρ_t ≤ 5 the step is the momentum
+    step (not adaptive); after that the adaptive step is multiplied by r_t. (True, 1) without
+    ``rectify``. ``t`` is a float, or a float64 tensor (then so are both results)."""
+    if not h.rectify:
+        return True, 1.0
+    rho_inf = 2 / (1 - h.beta2) - 1
+    b2t = h.beta2**t
+    rho_t = rho_inf - 2 * t * b2t / (1 - b2t)
+
+    def r_of(rho):
+        return (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)
+
+    if isinstance(rho_t, Tensor):
+        adaptive = rho_t > 5
+        r = r_of(torch.where(adaptive, rho_t, torch.full_like(rho_t, 6.0))).sqrt()
+        return adaptive, torch.where(adaptive, r, torch.ones_like(r))
+    if rho_t <= 5:
+        return False, 1.0
+    return True, math.sqrt(r_of(rho_t))
+
+
+def project(theta: Tensor, g: Tensor, u: Tensor, delta: float, eps: float) -> tuple[Tensor, bool]:
+    """AdamP/SGDP's projection (SPEC §4), as clovaai's adamp writes it: per output channel, then
+    per layer, if the gradient is nearly orthogonal to the weight (max |cos| < delta/sqrt(row
+    length)), remove the radial component of the update ``u``. Returns (u, projected)."""
+    if theta.dim() <= 1 or theta.numel() == 0:
+        return u, False
+    expand = [-1] + [1] * (theta.dim() - 1)
+    for view in (lambda x: x.reshape(x.size(0), -1), lambda x: x.reshape(1, -1)):
+        cos = F.cosine_similarity(view(g), view(theta), dim=1, eps=eps).abs()
+        if cos.max() < delta / math.sqrt(view(theta).size(1)):
+            unit = theta / view(theta).norm(dim=1).view(expand).add(eps)
+            return u - unit * view(unit * u).sum(dim=1).view(expand), True
+    return u, False
 
 
 def smes_tensor(
@@ -40,11 +80,9 @@ def smes_tensor(
         g = -g
     if grad_scale is not None:
         g = g * grad_scale.to(cd).reciprocal()
-    if h.weight_decay != 0:
-        if h.decoupled:
-            theta = theta * (1 - lr * h.weight_decay)
-        else:
-            g = g + h.weight_decay * theta
+    g_proj = g  # projection's cosine uses the gradient before L2 (SPEC §4)
+    if h.weight_decay != 0 and not h.decoupled:
+        g = g + h.weight_decay * theta
 
     m = h.beta1 * m + (1 - h.beta1) * g
     exp_avg.copy_(m)
@@ -52,7 +90,10 @@ def smes_tensor(
     v = None
     if h.track_v:
         v = exp_avg_sq.to(cd)
-        v = h.beta2 * v + (1 - h.beta2) * g * g
+        if h.second_moment_sum:  # AdaGrad
+            v = v + g * g
+        else:
+            v = h.beta2 * v + (1 - h.beta2) * g * g
         exp_avg_sq.copy_(v)
         if h.amsgrad:
             v = v.maximum(max_exp_avg_sq.to(cd))
@@ -60,6 +101,9 @@ def smes_tensor(
 
     t = _value(step)
     bc1, bc2 = (1 - h.beta1**t, 1 - h.beta2**t) if h.bias_correction else (1.0, 1.0)
+    if h.second_moment_sum:
+        bc2 = 1.0
+    adaptive, r = rectification(h, t)
 
     p_class = h.variant.p_class
     if p_class == P_ZERO:
@@ -68,8 +112,19 @@ def smes_tensor(
         denom = v.sqrt() / bc2**0.5 + h.eps
     else:
         denom = (v / bc2) ** h.exponent + h.eps  # v = 0, p < 0: inf, so the update is 0
+    u = m / denom
+    if h.rectify and p_class != P_ZERO:
+        u = torch.where(torch.as_tensor(adaptive, device=u.device), u * r, m / (1 + h.eps))
 
-    theta = theta - (lr / bc1) * (m / denom)
+    decay = 1.0
+    if h.weight_decay != 0 and h.decoupled:
+        decay = 1 - lr * h.weight_decay
+    if h.projection:
+        u, projected = project(theta, g_proj, u, h.projection_delta, h.eps)
+        if projected and h.weight_decay != 0 and h.decoupled:
+            decay = 1 - lr * h.weight_decay * h.projection_wd_ratio
+
+    theta = theta * decay - (lr / bc1) * u
     param.copy_(theta)
 
 
