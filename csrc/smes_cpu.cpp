@@ -57,15 +57,51 @@ double scalar_value(const at::Tensor& t) {
 thread_local std::vector<TensorJob> t_jobs;
 thread_local std::vector<int64_t> t_starts;
 thread_local std::vector<double> t_steps;
+// The projection's tensors (SPEC §4): their jobs, element offsets, first rows, row sums and
+// row coefficients.
+thread_local std::vector<TensorJob> t_pjobs;
+thread_local std::vector<int64_t> t_pstarts;
+thread_local std::vector<int64_t> t_prows;
+thread_local std::vector<double> t_pstats;
+thread_local std::vector<float> t_pk;
+thread_local std::vector<const double*> t_phyper;
+
+void run_jobs(RangeFn fn, const std::vector<TensorJob>& jobs, const std::vector<int64_t>& starts,
+              int64_t total) {
+  if (total == 0) return;
+  const TensorJob* j = jobs.data();
+  const int64_t* st = starts.data();
+  const int n = (int)jobs.size();
+  // ONE parallel region for the whole bucket: the concatenated element space split evenly.
+  at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) { fn(j, st, n, b, e); });
+}
 
 void run(const Kernels& k, bool roofline, int64_t total) {
-  const RangeFn fn = roofline ? k.roofline : k.step;
-  const TensorJob* jobs = t_jobs.data();
-  const int64_t* starts = t_starts.data();
-  const int n = (int)t_jobs.size();
-  if (total == 0) return;
-  // ONE parallel region for the whole bucket: the concatenated element space split evenly.
-  at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) { fn(jobs, starts, n, b, e); });
+  run_jobs(roofline ? k.roofline : k.step, t_jobs, t_starts, total);
+}
+
+// The projected tensors' step: the moments and row sums (one parallel region), the decision
+// per tensor, the update of theta (a second parallel region).
+void run_projected(const Kernels& k, int64_t total) {
+  const size_t n = t_pjobs.size();
+  if (n == 0) return;
+  const int64_t rows = t_prows[n];
+  t_pstats.assign(4 * rows, 0.0);  // capacity kept between steps
+  t_pk.resize(rows);
+  for (size_t i = 0; i < n; ++i) {
+    t_pjobs[i].stats = t_pstats.data() + 4 * t_prows[i];
+    t_pjobs[i].k = t_pk.data() + t_prows[i];
+  }
+  run_jobs(k.proj_stats, t_pjobs, t_pstarts, total);
+  for (size_t i = 0; i < n; ++i) {
+    TensorJob& j = t_pjobs[i];
+    const double* h = t_phyper[i];
+    const int64_t r = t_prows[i + 1] - t_prows[i];
+    if (projection_coefficients(j.stats, r, j.row_len, h[kProjDelta], h[kEps],
+                                t_pk.data() + t_prows[i]))
+      j.s.decay = j.s.decay_proj;
+  }
+  run_jobs(k.proj_apply, t_pjobs, t_pstarts, total);
 }
 
 // One list argument as the kernels read it: entry i is a tensor, or an undefined tensor where the
@@ -121,6 +157,10 @@ void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const
   t_jobs.resize(n);
   t_starts.resize(n + 1);
   t_steps.resize(n);
+  t_pjobs.clear();
+  t_pstarts.assign(1, 0);
+  t_prows.assign(1, 0);
+  t_phyper.clear();
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -187,8 +227,23 @@ void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const
     j.s = make_scalars(
         lr, h[kBeta1], h[kBeta2], h[kEps], h[kExponent], h[kWeightDecay], flags, step, inv_scale,
         [](double a, double b) { return std::pow(a, b); },
-        [](double a) { return std::sqrt(a); }, [](double a) { return std::log2(a); });
+        [](double a) { return std::sqrt(a); }, [](double a) { return std::log2(a); },
+        h[kProjWdRatio]);
+    // Rectification before rho_t > 5: this step is the p = 0 rule (v is still updated).
+    if (!j.s.adaptive) j.code = (j.code & ~kPClassMask) | P_ZERO;
     t_starts[i] = total;
+    if ((flags & kFlagProjection) && p.dim() > 1 && j.numel > 0) {
+      // Projected (SPEC §4): two passes over its rows, after the other tensors.
+      TORCH_CHECK(p.is_contiguous(), "smes_fused: layout: params[", i,
+                  "] is projected (projection=True) but not contiguous (strides ", p.strides(),
+                  "): its rows are walked in memory order");
+      j.row_len = j.numel / p.size(0);
+      t_pjobs.push_back(j);
+      t_pstarts.push_back(t_pstarts.back() + j.numel);
+      t_prows.push_back(t_prows.back() + p.size(0));
+      t_phyper.push_back(h);
+      j.numel = 0;
+    }
     total += j.numel;
   }
   t_starts[n] = total;
@@ -201,7 +256,9 @@ void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const
       *st.data_ptr<double>() = t_steps[i];
     }
   }
-  run(pick_kernels(), false, total);
+  const Kernels& k = pick_kernels();
+  run(k, false, total);
+  run_projected(k, t_pstarts.back());
 }
 
 void roofline_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs,

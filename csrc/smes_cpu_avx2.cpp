@@ -22,11 +22,18 @@ void step_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, 
 void roofline_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
   run_range<roofline_segment>(jobs, starts, n, b, e);
 }
+void stats_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
+  run_range<dispatch_stats>(jobs, starts, n, b, e);
+}
+void apply_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
+  run_range<dispatch_apply>(jobs, starts, n, b, e);
+}
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace smes
 #pragma GCC pop_options
 
 smes::cpu::Kernels smes::cpu::kernels_avx2() {
-  return {"avx2", &avx2::step_range, &avx2::roofline_range};
+  return {"avx2", &avx2::step_range, &avx2::roofline_range, &avx2::stats_range,
+          &avx2::apply_range};
 }

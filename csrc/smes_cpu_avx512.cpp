@@ -22,11 +22,18 @@ void step_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, 
 void roofline_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
   run_range<roofline_segment>(jobs, starts, n, b, e);
 }
+void stats_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
+  run_range<dispatch_stats>(jobs, starts, n, b, e);
+}
+void apply_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
+  run_range<dispatch_apply>(jobs, starts, n, b, e);
+}
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace smes
 #pragma GCC pop_options
 
 smes::cpu::Kernels smes::cpu::kernels_avx512() {
-  return {"avx512", &avx512::step_range, &avx512::roofline_range};
+  return {"avx512", &avx512::step_range, &avx512::roofline_range, &avx512::stats_range,
+          &avx512::apply_range};
 }

@@ -22,11 +22,18 @@ void step_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, 
 void roofline_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
   run_range<roofline_segment>(jobs, starts, n, b, e);
 }
+void stats_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
+  run_range<dispatch_stats>(jobs, starts, n, b, e);
+}
+void apply_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b, int64_t e) {
+  run_range<dispatch_apply>(jobs, starts, n, b, e);
+}
 }  // namespace base
 }  // namespace cpu
 }  // namespace smes
 #pragma GCC pop_options
 
 smes::cpu::Kernels smes::cpu::kernels_base() {
-  return {"base", &base::step_range, &base::roofline_range};
+  return {"base", &base::step_range, &base::roofline_range, &base::stats_range,
+          &base::apply_range};
 }

@@ -19,6 +19,10 @@ struct TensorJob {
   int code;          // variant code (smes_math.h)
   int pdt, sdt;      // param / state dtype codes
   Scalars s;
+  // Projection (SPEC §4) passes only: row length, the tensor's row sums and row coefficients.
+  int64_t row_len;
+  double* stats;     // 4 per row
+  const float* k;    // 1 per row
 };
 
 // Applies elements [begin, end) of the concatenation of all jobs; starts[i] is the offset of job i
@@ -32,6 +36,8 @@ struct Kernels {
   const char* isa;
   RangeFn step;
   RangeFn roofline;
+  RangeFn proj_stats;  // the projection's first pass (moments and row sums)
+  RangeFn proj_apply;  // its second pass (the projected update of theta)
 };
 
 Kernels kernels_avx512();

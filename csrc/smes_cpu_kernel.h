@@ -530,40 +530,187 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
   }
 }
 
-// Variant dispatch, once per (tensor, thread) segment.
-template <class P, class S, int PC, bool TV, bool AMS>
-void by_l2(const TensorJob& j, int64_t lo, int64_t hi) {
-  if (j.code & kL2)
-    segment<P, S, PC, TV, AMS, true>(j, lo, hi);
-  else
-    segment<P, S, PC, TV, AMS, false>(j, lo, hi);
+// The projection's two passes (SPEC §4), over the rows of a tensor (j.row_len elements each)
+// that [lo, hi) touches. Stats: the moments are updated and stored (theta is not), and the row
+// sums (g.theta, g.g, theta.theta, theta.u) are added to j.stats (double; rows a range boundary
+// splits are shared by two threads, so atomically). Apply: u recomputed from the stored moments,
+// u <- u - k_r theta, theta <- theta * decay - step_size * u.
+SMES_CPU_INLINE double hsum(V x) {
+  float b[W];
+  __builtin_memcpy(b, &x, sizeof x);
+  double r = 0.0;
+  for (int k = 0; k < W; ++k) r += b[k];
+  return r;
 }
-template <class P, class S, int PC>
+
+SMES_CPU_INLINE void atomic_add(double* p, double x) {
+  uint64_t* q = reinterpret_cast<uint64_t*>(p);
+  uint64_t old = __atomic_load_n(q, __ATOMIC_RELAXED);
+  for (;;) {
+    double cur;
+    __builtin_memcpy(&cur, &old, sizeof cur);
+    const double next = cur + x;
+    uint64_t bits;
+    __builtin_memcpy(&bits, &next, sizeof bits);
+    if (__atomic_compare_exchange_n(q, &old, bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+      return;
+  }
+}
+
+template <class P, class S, int PC, bool TV, bool AMS, bool L2>
+void proj_stats_segment(const TensorJob& j, int64_t lo, int64_t hi) {
+  if constexpr (PC != P_ZERO && !TV) {
+    return;  // rejected by the binding: p != 0 needs v
+  } else {
+    const Scalars s = j.s;
+    const int64_t len = j.row_len;
+    for (int64_t a = lo; a < hi;) {
+      const int64_t r = a / len;
+      const int64_t b = hi < (r + 1) * len ? hi : (r + 1) * len;
+      const P* pp = static_cast<const P*>(j.p) + a;
+      const P* gp = static_cast<const P*>(j.g) + a;
+      S* mp = static_cast<S*>(j.m) + a;
+      S* vp = TV ? static_cast<S*>(j.v) + a : nullptr;
+      S* xp = AMS ? static_cast<S*>(j.vmax) + a : nullptr;
+      V gt = {}, gg = {}, tt = {}, tu = {};
+      const int64_t n = b - a;
+      auto one = [&](V th, V g, V& m, V& v, V& x) {
+        g = g * s.gmul;
+        gt += g * th;
+        gg += g * g;
+        tt += th * th;
+        V vv = smes_moments<TV, AMS, L2, VecMath>(th, g, m, v, x, s);
+        tu += th * smes_direction<PC, VecMath>(m, vv, s);
+      };
+      int64_t i = 0;
+      V v = {}, x = {};
+      for (; i + W <= n; i += W) {
+        V th = load(pp + i), g = load(gp + i), m = load(mp + i);
+        if (TV) v = load(vp + i);
+        if (AMS) x = load(xp + i);
+        one(th, g, m, v, x);
+        store(mp + i, m);
+        if (TV) store(vp + i, v);
+        if (AMS) store(xp + i, x);
+      }
+      if (i < n) {
+        const int k = (int)(n - i);
+        V th = load_n(pp + i, k), g = load_n(gp + i, k), m = load_n(mp + i, k);
+        if (TV) v = load_n(vp + i, k);
+        if (AMS) x = load_n(xp + i, k);
+        one(th, g, m, v, x);
+        store_n(mp + i, m, k);
+        if (TV) store_n(vp + i, v, k);
+        if (AMS) store_n(xp + i, x, k);
+      }
+      double* st = j.stats + 4 * r;
+      atomic_add(st + 0, hsum(gt));
+      atomic_add(st + 1, hsum(gg));
+      atomic_add(st + 2, hsum(tt));
+      atomic_add(st + 3, hsum(tu));
+      a = b;
+    }
+  }
+}
+
+template <class P, class S, int PC, bool TV, bool AMS, bool L2>
+void proj_apply_segment(const TensorJob& j, int64_t lo, int64_t hi) {
+  if constexpr (PC != P_ZERO && !TV) {
+    return;
+  } else {
+    const Scalars s = j.s;
+    const int64_t len = j.row_len;
+    for (int64_t a = lo; a < hi;) {
+      const int64_t r = a / len;
+      const int64_t b = hi < (r + 1) * len ? hi : (r + 1) * len;
+      P* pp = static_cast<P*>(j.p) + a;
+      const S* mp = static_cast<const S*>(j.m) + a;
+      const S* vp = TV ? static_cast<const S*>(AMS ? j.vmax : j.v) + a : nullptr;
+      const float k = j.k[r];
+      const int64_t n = b - a;
+      auto one = [&](V th, V m, V vv) {
+        V u = smes_direction<PC, VecMath>(m, vv, s) - k * th;
+        return th * s.decay - s.step_size * u;
+      };
+      int64_t i = 0;
+      for (; i + W <= n; i += W) {
+        V m = load(mp + i);
+        store(pp + i, one(load(pp + i), m, TV ? load(vp + i) : m));
+      }
+      if (i < n) {
+        const int c = (int)(n - i);
+        V m = load_n(mp + i, c);
+        store_n(pp + i, one(load_n(pp + i, c), m, TV ? load_n(vp + i, c) : m), c);
+      }
+      a = b;
+    }
+  }
+}
+
+// Variant dispatch, once per (tensor, thread) segment, for each kind of segment.
+struct StepSeg {
+  static constexpr bool kL2Variants = true;
+  template <class P, class S, int PC, bool TV, bool AMS, bool L2>
+  static void run(const TensorJob& j, int64_t lo, int64_t hi) {
+    segment<P, S, PC, TV, AMS, L2>(j, lo, hi);
+  }
+};
+struct StatsSeg {
+  static constexpr bool kL2Variants = true;
+  template <class P, class S, int PC, bool TV, bool AMS, bool L2>
+  static void run(const TensorJob& j, int64_t lo, int64_t hi) {
+    proj_stats_segment<P, S, PC, TV, AMS, L2>(j, lo, hi);
+  }
+};
+struct ApplySeg {  // L2 is in the stored moments already
+  static constexpr bool kL2Variants = false;
+  template <class P, class S, int PC, bool TV, bool AMS, bool L2>
+  static void run(const TensorJob& j, int64_t lo, int64_t hi) {
+    proj_apply_segment<P, S, PC, TV, AMS, false>(j, lo, hi);
+  }
+};
+
+template <class Seg, class P, class S, int PC, bool TV, bool AMS>
+void by_l2(const TensorJob& j, int64_t lo, int64_t hi) {
+  if (Seg::kL2Variants && (j.code & kL2))
+    Seg::template run<P, S, PC, TV, AMS, true>(j, lo, hi);
+  else
+    Seg::template run<P, S, PC, TV, AMS, false>(j, lo, hi);
+}
+template <class Seg, class P, class S, int PC>
 void by_state(const TensorJob& j, int64_t lo, int64_t hi) {
   if (!(j.code & kTrackV))
-    by_l2<P, S, PC, false, false>(j, lo, hi);
+    by_l2<Seg, P, S, PC, false, false>(j, lo, hi);
   else if (j.code & kAmsgrad)
-    by_l2<P, S, PC, true, true>(j, lo, hi);
+    by_l2<Seg, P, S, PC, true, true>(j, lo, hi);
   else
-    by_l2<P, S, PC, true, false>(j, lo, hi);
+    by_l2<Seg, P, S, PC, true, false>(j, lo, hi);
 }
-template <class P, class S>
+template <class Seg, class P, class S>
 void by_pclass(const TensorJob& j, int64_t lo, int64_t hi) {
   switch (j.code & kPClassMask) {
-    case P_ZERO: by_state<P, S, P_ZERO>(j, lo, hi); break;
-    case P_HALF: by_state<P, S, P_HALF>(j, lo, hi); break;
-    default: by_state<P, S, P_GENERAL>(j, lo, hi); break;
+    case P_ZERO: by_state<Seg, P, S, P_ZERO>(j, lo, hi); break;
+    case P_HALF: by_state<Seg, P, S, P_HALF>(j, lo, hi); break;
+    default: by_state<Seg, P, S, P_GENERAL>(j, lo, hi); break;
   }
 }
-void dispatch(const TensorJob& j, int64_t lo, int64_t hi) {
+template <class Seg>
+void dispatch_seg(const TensorJob& j, int64_t lo, int64_t hi) {
   switch (j.pdt * 3 + j.sdt) {
-    case F32 * 3 + F32: by_pclass<float, float>(j, lo, hi); break;
-    case BF16 * 3 + F32: by_pclass<bf16, float>(j, lo, hi); break;
-    case F16 * 3 + F32: by_pclass<f16, float>(j, lo, hi); break;
-    case BF16 * 3 + BF16: by_pclass<bf16, bf16>(j, lo, hi); break;
-    case F16 * 3 + F16: by_pclass<f16, f16>(j, lo, hi); break;
+    case F32 * 3 + F32: by_pclass<Seg, float, float>(j, lo, hi); break;
+    case BF16 * 3 + F32: by_pclass<Seg, bf16, float>(j, lo, hi); break;
+    case F16 * 3 + F32: by_pclass<Seg, f16, float>(j, lo, hi); break;
+    case BF16 * 3 + BF16: by_pclass<Seg, bf16, bf16>(j, lo, hi); break;
+    case F16 * 3 + F16: by_pclass<Seg, f16, f16>(j, lo, hi); break;
     default: break;  // rejected by the binding
   }
+}
+void dispatch(const TensorJob& j, int64_t lo, int64_t hi) { dispatch_seg<StepSeg>(j, lo, hi); }
+void dispatch_stats(const TensorJob& j, int64_t lo, int64_t hi) {
+  dispatch_seg<StatsSeg>(j, lo, hi);
+}
+void dispatch_apply(const TensorJob& j, int64_t lo, int64_t hi) {
+  dispatch_seg<ApplySeg>(j, lo, hi);
 }
 
 void roofline_segment(const TensorJob& j, int64_t lo, int64_t hi) {

@@ -17,6 +17,12 @@
 #define SMES_HD static inline __attribute__((always_inline))
 #endif
 
+#if !defined(__CUDACC__)
+#include <cmath>
+using std::fabs;
+using std::sqrt;
+#endif
+
 namespace smes {
 
 // Storage dtype codes of params and state.
@@ -37,6 +43,9 @@ constexpr int kFlagDecoupled = 2;
 constexpr int kFlagAmsgrad = 4;
 constexpr int kFlagMaximize = 8;
 constexpr int kFlagTrackV = 16;
+constexpr int kFlagRectify = 32;     // RAdam's rectification (SPEC §4)
+constexpr int kFlagSumV = 64;        // AdaGrad: v <- v + g^2, no bc2 (second_moment="sum")
+constexpr int kFlagProjection = 128; // AdamP/SGDP's projection (tensors of dim > 1)
 
 // The per-tensor scalars of one step, hoisted out of the element loop (float32).
 struct Scalars {
@@ -53,29 +62,51 @@ struct Scalars {
   float log2_shift;    // -p * log2(bc2), so that p*log2(v/bc2) = p*log2(v) + log2_shift
   float bc2_pow;       // bc2^-p, so that (v/bc2)^p = v^p * bc2_pow
   float p_hi, p_lo;    // p = p_hi + p_lo exactly, p_hi with 12 significant bits
+  float decay_proj;    // decay when the projection applies: 1 - lr * lambda * wd_ratio
+  bool adaptive;       // false: rectify with rho_t <= 5, the step is the p = 0 rule (D = 1 + eps)
 };
 
 // The float64 host (or device) part: bias corrections and the hoisted scalars.
 // bc1 = 1 - beta1^t, bc2 = 1 - beta2^t in float64, both 1 without bias correction.
+// AdaGrad (kFlagSumV): v <- 1 * v + 1 * g^2 and bc2 = 1. Rectification (kFlagRectify, p != 0):
+// rho_inf = 2/(1 - beta2) - 1, rho_t = rho_inf - 2 t beta2^t/(1 - beta2^t); while rho_t <= 5 the
+// step is the p = 0 rule (adaptive = false), after that step_size is multiplied by
+// r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t)).
 template <class PowFn, class SqrtFn, class Log2Fn>
 SMES_HD Scalars make_scalars(double lr, double beta1, double beta2, double eps, double p,
                              double wd, int flags, double step, float inv_scale, PowFn pw,
-                             SqrtFn sq, Log2Fn lg) {
+                             SqrtFn sq, Log2Fn lg, double proj_wd_ratio = 1.0) {
   Scalars s;
   double bc1 = 1.0, bc2 = 1.0;
   if (flags & kFlagBiasCorrection) {
     bc1 = 1.0 - pw(beta1, step);
     bc2 = 1.0 - pw(beta2, step);
   }
+  const bool sum_v = (flags & kFlagSumV) != 0;
+  if (sum_v) bc2 = 1.0;
+  double rect = 1.0;
+  s.adaptive = true;
+  if ((flags & kFlagRectify) && p != 0.0) {
+    const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+    const double b2t = pw(beta2, step);
+    const double rho_t = rho_inf - 2.0 * step * b2t / (1.0 - b2t);
+    if (rho_t > 5.0) {
+      rect = sq((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t));
+    } else {
+      s.adaptive = false;
+    }
+  }
   s.beta1 = (float)beta1;
   s.omb1 = (float)(1.0 - beta1);
-  s.beta2 = (float)beta2;
-  s.omb2 = (float)(1.0 - beta2);
+  s.beta2 = sum_v ? 1.f : (float)beta2;
+  s.omb2 = sum_v ? 1.f : (float)(1.0 - beta2);
   s.gmul = (flags & kFlagMaximize) ? -inv_scale : inv_scale;
   const bool decoupled = (flags & kFlagDecoupled) != 0;
   s.l2 = decoupled ? 0.f : (float)wd;
   s.decay = (decoupled && wd != 0.0) ? (float)(1.0 - lr * wd) : 1.f;
+  s.decay_proj = (decoupled && wd != 0.0) ? (float)(1.0 - lr * wd * proj_wd_ratio) : 1.f;
   s.step_size = (float)(lr / bc1);
+  if (s.adaptive && rect != 1.0) s.step_size = (float)(lr / bc1 * rect);
   s.eps = (float)eps;
   s.d0 = (float)(1.0 + eps);
   s.bc2_sqrt = (float)sq(bc2);
@@ -101,16 +132,17 @@ SMES_HD int variant_code(double p, double wd, int flags) {
   return code;
 }
 
-// One SMES step on one value (element or SIMD register). `v`/`vmax` are only touched when the
-// variant tracks them; with P_ZERO, v is updated when tracked (exponent schedules) but not read
-// for the denominator.
-template <int PC, bool TV, bool AMS, bool L2, class M, class T>
-SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const Scalars& s) {
-  g = g * s.gmul;                  // maximize, then 1/grad_scale (both exact when 1)
+// The parts of one SMES step on one value (element or SIMD register), shared by the plain step
+// and the projection's two passes (SPEC §4). `v`/`vmax` are only touched when the variant tracks
+// them; with P_ZERO, v is updated when tracked (exponent schedules) but not read.
+
+// Moments: g <- g * gmul (maximize, 1/grad_scale), then L2; m, v, vmax updated. Returns v-hat's
+// source (v or vmax; unspecified when v is not tracked). `g` leaves holding the gradient after L2.
+template <bool TV, bool AMS, bool L2, class M, class T>
+SMES_HD T smes_moments(T th, T& g, T& m, T& v, T& vmax, const Scalars& s) {
   if (L2) g = g + s.l2 * th;       // L2: g + lambda * theta
-  th = th * s.decay;               // decoupled: theta * (1 - lr * lambda); exact when 1
   m = s.beta1 * m + s.omb1 * g;
-  T vv;
+  T vv = m;
   if (TV) {
     v = s.beta2 * v + s.omb2 * (g * g);
     vv = v;
@@ -119,17 +151,64 @@ SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const Scalars& s) {
       vv = vmax;
     }
   }
+  return vv;
+}
+
+// The update direction u = m / D (SPEC §1), without the step size.
+template <int PC, class M, class T>
+SMES_HD T smes_direction(T m, T vv, const Scalars& s) {
   if (PC == P_ZERO) {
-    th = th - s.step_size * (m / s.d0);
+    return m / s.d0;
   } else if (PC == P_HALF) {
     // torch.optim.AdamW's order: sqrt(v) / sqrt(bc2) + eps
     T d = M::sqrt(vv) / s.bc2_sqrt + s.eps;
-    th = th - s.step_size * (m / d);
+    return m / d;
   } else {
     // (v/bc2)^p; v = 0, p < 0 gives inf, so the update is 0
     T d = M::pow_hat(vv, s) + s.eps;
-    th = th - s.step_size * M::quot(m, d);  // m / d
+    return M::quot(m, d);  // m / d
   }
+}
+
+// One SMES step on one value.
+template <int PC, bool TV, bool AMS, bool L2, class M, class T>
+SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const Scalars& s) {
+  g = g * s.gmul;                  // maximize, then 1/grad_scale (both exact when 1)
+  T vv = smes_moments<TV, AMS, L2, M>(th, g, m, v, vmax, s);
+  th = th * s.decay;               // decoupled: theta * (1 - lr * lambda); exact when 1
+  th = th - s.step_size * smes_direction<PC, M>(m, vv, s);
+}
+
+// AdamP/SGDP's decision for one tensor of `rows` rows of `len` elements (SPEC §4), from the row
+// sums st[4 r + 0..3] = (g.theta, g.g, theta.theta, theta.u), g before L2: per output channel,
+// then per layer, |cos(g, theta)| < delta / sqrt(row length) projects. Writes the coefficient
+// k_r of u <- u - k_r theta into k[r] (0: no projection) and returns whether it projects.
+SMES_HD bool projection_coefficients(const double* st, int64_t rows, int64_t len, double delta,
+                                     double eps, float* k) {
+  double max_cos = 0.0, gt = 0.0, gg = 0.0, tt = 0.0, tu = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* x = st + 4 * r;
+    const double gn = x[1] > 0.0 ? sqrt(x[1]) : 0.0, tn = x[2] > 0.0 ? sqrt(x[2]) : 0.0;
+    const double c = fabs(x[0]) / ((gn > eps ? gn : eps) * (tn > eps ? tn : eps));
+    max_cos = (c > max_cos || c != c) ? c : max_cos;
+    gt += x[0];
+    gg += x[1];
+    tt += x[2];
+    tu += x[3];
+  }
+  if (max_cos < delta / sqrt((double)len)) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const double tn = sqrt(st[4 * r + 2]) + eps;
+      k[r] = (float)(st[4 * r + 3] / (tn * tn));
+    }
+    return true;
+  }
+  const double gn = sqrt(gg), tn = sqrt(tt);
+  const double c = fabs(gt) / ((gn > eps ? gn : eps) * (tn > eps ? tn : eps));
+  const bool layer = c < delta / sqrt((double)(rows * len));
+  const double kl = layer ? tu / ((tn + eps) * (tn + eps)) : 0.0;
+  for (int64_t r = 0; r < rows; ++r) k[r] = (float)kl;
+  return layer;
 }
 
 }  // namespace smes

@@ -13,7 +13,18 @@
 namespace smes {
 
 // Columns of the per-tensor hyperparameter table (float64, shape [n, kHyperCols], on the CPU).
-enum HyperCol { kLr = 0, kBeta1, kBeta2, kEps, kExponent, kWeightDecay, kFlags, kHyperCols };
+enum HyperCol {
+  kLr = 0,
+  kBeta1,
+  kBeta2,
+  kEps,
+  kExponent,
+  kWeightDecay,
+  kFlags,
+  kProjDelta,    // projection_delta (SPEC §4)
+  kProjWdRatio,  // projection_wd_ratio
+  kHyperCols
+};
 
 // Storage dtype code of a tensor, or -1 when the kernels do not support it.
 inline int dtype_code(at::ScalarType t) {
