@@ -26,6 +26,17 @@ struct TensorArgs {
   float lr, eps, exponent, weight_decay;
   int flags;            // smes_math.h kFlag*
   int lr_dtype;         // LrDType of *lr_ptr
+  // Projection (SPEC §4), launches of code & kProject only: rows (size(0) of a tensor of dim > 1,
+  // 0 for a tensor never projected), the first row and the tensor's slot in the row buffers.
+  float proj_delta, proj_wd_ratio;
+  int64_t rows, row0, slot;
+};
+
+// The projection's device buffers: 4 float row sums and 1 coefficient per row, 1 flag per tensor.
+struct ProjBuffers {
+  float* stats;
+  float* k;
+  int* projected;
 };
 
 // Advances the `n` float32 step counts on the device by one, unless *found_inf != 0 (found_inf
@@ -38,6 +49,13 @@ int advance_steps(float* const* steps, int n, const float* found_inf, void* stre
 // Launches ceil(chunks / kMaxBlocksPerLaunch) kernels, chunks of 65536 elements.
 int launch_step(const TensorArgs* tensors, int n, int code, int param_dtype, int state_dtype,
                 const float* grad_scale, const float* found_inf, void* stream);
+
+// The same for a projected launch group (code & kProject): the moments and row sums, the
+// decision per tensor, the projected update (SPEC §4); `buf.stats` must be zero on entry and is
+// left zero. Returns 0 or a cudaError_t.
+int launch_projected(const TensorArgs* tensors, int n, int code, int param_dtype,
+                     int state_dtype, const float* grad_scale, const float* found_inf,
+                     ProjBuffers buf, void* stream);
 
 }  // namespace cuda
 }  // namespace smes

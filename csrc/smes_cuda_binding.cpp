@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cuda_runtime_api.h>
+
+#include <unordered_map>
 #include <vector>
 
 #include "smes_cuda.h"
@@ -21,6 +24,16 @@ thread_local std::vector<int> t_codes;
 thread_local std::vector<TensorArgs> t_group;
 thread_local std::vector<char> t_done;
 thread_local std::vector<float*> t_steps;
+
+// The projection's row buffers per device (SPEC §4), grown when a bucket needs more and kept:
+// no allocation per step once they fit (a first capture in a CUDA graph allocates from its pool).
+at::Tensor proj_scratch(const at::Device& dev, int64_t floats) {
+  static thread_local std::unordered_map<int, at::Tensor> held;
+  at::Tensor& t = held[dev.index()];
+  if (!t.defined() || t.numel() < floats)
+    t = at::empty({floats}, at::TensorOptions().device(dev).dtype(at::kFloat));
+  return t;
+}
 
 // LrDType of a tensor lr the kernel can read in place, or -1.
 int lr_dtype_code(at::ScalarType t) {
@@ -74,7 +87,8 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     check_like(grads[i], p, "grads", i);
     check_like(exp_avgs[i], p, "exp_avgs", i);
     const int flags = (int)h[kFlags];
-    const int code = variant_code(h[kExponent], h[kWeightDecay], flags);
+    int code = variant_code(h[kExponent], h[kWeightDecay], flags);
+    if (flags & kFlagProjection) code |= kProject;
     TensorArgs& a = t_args[i];
     a.p = p.data_ptr();
     a.g = grads[i].data_ptr();
@@ -128,7 +142,33 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     a.exponent = (float)h[kExponent];
     a.weight_decay = (float)h[kWeightDecay];
     a.flags = flags;
+    a.proj_delta = (float)h[kProjDelta];
+    a.proj_wd_ratio = (float)h[kProjWdRatio];
+    a.rows = 0;
+    a.row0 = 0;
+    a.slot = 0;
+    if ((code & kProject) && p.dim() > 1 && p.numel() > 0) {
+      TORCH_CHECK(p.is_contiguous(), "smes_fused: layout: params[", i,
+                  "] is projected (projection=True) but not contiguous (strides ", p.strides(),
+                  "): its rows are walked in memory order");
+      a.rows = p.size(0);
+    }
     t_codes[i] = code;
+  }
+  // The projection's buffers: rows and slots numbered over the bucket.
+  int64_t total_rows = 0, slots = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!(t_codes[i] & kProject)) continue;
+    t_args[i].row0 = total_rows;
+    t_args[i].slot = slots++;
+    total_rows += t_args[i].rows;
+  }
+  ProjBuffers pbuf{nullptr, nullptr, nullptr};
+  if (slots > 0) {
+    at::Tensor scratch = proj_scratch(dev, 5 * total_rows + slots + 4);
+    pbuf.stats = scratch.data_ptr<float>();
+    pbuf.k = pbuf.stats + 4 * total_rows;
+    pbuf.projected = reinterpret_cast<int*>(pbuf.k + total_rows);
   }
   const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
@@ -139,6 +179,12 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   for (int64_t i = 0; i < n; ++i) t_steps[i] = steps[i].data_ptr<float>();
   const int serr = advance_steps(t_steps.data(), (int)n, fi, stream);
   TORCH_CHECK(serr == 0, "smes_fused (cuda): step-count launch failed with CUDA error ", serr);
+  if (pbuf.stats != nullptr) {  // the row sums start at zero (stream-ordered, capturable)
+    const cudaError_t merr = cudaMemsetAsync(pbuf.stats, 0, sizeof(float) * 4 * total_rows,
+                                             static_cast<cudaStream_t>(stream));
+    TORCH_CHECK(merr == cudaSuccess, "smes_fused (cuda): memset failed with CUDA error ",
+                (int)merr);
+  }
   // One launch (or a few, for very large buckets) per variant present, usually one in all.
   std::vector<TensorArgs>& group = t_group;
   std::vector<char>& done = t_done;
@@ -152,8 +198,11 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
         done[j] = 1;
       }
     }
-    const int err = launch_step(group.data(), (int)group.size(), t_codes[i], pdt, sdt, gs, fi,
-                                stream);
+    const int err =
+        (t_codes[i] & kProject)
+            ? launch_projected(group.data(), (int)group.size(), t_codes[i], pdt, sdt, gs, fi,
+                               pbuf, stream)
+            : launch_step(group.data(), (int)group.size(), t_codes[i], pdt, sdt, gs, fi, stream);
     TORCH_CHECK(err == 0, "smes_fused (cuda): kernel launch failed with CUDA error ", err);
   }
 }

@@ -36,6 +36,7 @@ constexpr int kPClassMask = 3;
 constexpr int kTrackV = 4;   // v (exp_avg_sq) is read and written
 constexpr int kAmsgrad = 8;  // v_max is read, written and used (only with kTrackV)
 constexpr int kL2 = 16;      // weight decay added to the gradient (not decoupled), lambda != 0
+constexpr int kProject = 32; // projection (SPEC §4): the CUDA binding's launch groups
 
 // Flags column of the host hyperparameter table (see csrc/smes_cpu.cpp).
 constexpr int kFlagBiasCorrection = 1;
@@ -179,34 +180,39 @@ SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const Scalars& s) {
   th = th - s.step_size * smes_direction<PC, M>(m, vv, s);
 }
 
-// AdamP/SGDP's decision for one tensor of `rows` rows of `len` elements (SPEC §4), from the row
-// sums st[4 r + 0..3] = (g.theta, g.g, theta.theta, theta.u), g before L2: per output channel,
-// then per layer, |cos(g, theta)| < delta / sqrt(row length) projects. Writes the coefficient
-// k_r of u <- u - k_r theta into k[r] (0: no projection) and returns whether it projects.
+// AdamP/SGDP's per-row quantities (SPEC §4) from the row sums x = (g.theta, g.g, theta.theta,
+// theta.u), g before L2: |cos(g, theta)| as torch's cosine_similarity (norms clamped at eps), and
+// the coefficient k of u <- u - k theta, theta-hat = theta / (|theta| + eps).
+SMES_HD double projection_cos(double gt, double gg, double tt, double eps) {
+  const double gn = gg > 0.0 ? sqrt(gg) : 0.0, tn = tt > 0.0 ? sqrt(tt) : 0.0;
+  return fabs(gt) / ((gn > eps ? gn : eps) * (tn > eps ? tn : eps));
+}
+SMES_HD double projection_k(double tt, double tu, double eps) {
+  const double tn = (tt > 0.0 ? sqrt(tt) : 0.0) + eps;
+  return tu / (tn * tn);
+}
+
+// The decision for one tensor of `rows` rows of `len` elements from its row sums st[4 r + c]:
+// per output channel, then per layer, max |cos| < delta / sqrt(row length) projects. Writes k[r]
+// (0: no projection) and returns whether it projects.
 SMES_HD bool projection_coefficients(const double* st, int64_t rows, int64_t len, double delta,
                                      double eps, float* k) {
   double max_cos = 0.0, gt = 0.0, gg = 0.0, tt = 0.0, tu = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
     const double* x = st + 4 * r;
-    const double gn = x[1] > 0.0 ? sqrt(x[1]) : 0.0, tn = x[2] > 0.0 ? sqrt(x[2]) : 0.0;
-    const double c = fabs(x[0]) / ((gn > eps ? gn : eps) * (tn > eps ? tn : eps));
-    max_cos = (c > max_cos || c != c) ? c : max_cos;
+    const double c = projection_cos(x[0], x[1], x[2], eps);
+    max_cos = (c > max_cos || c != c) ? c : max_cos;  // NaN: no projection, as torch's max
     gt += x[0];
     gg += x[1];
     tt += x[2];
     tu += x[3];
   }
   if (max_cos < delta / sqrt((double)len)) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const double tn = sqrt(st[4 * r + 2]) + eps;
-      k[r] = (float)(st[4 * r + 3] / (tn * tn));
-    }
+    for (int64_t r = 0; r < rows; ++r) k[r] = (float)projection_k(st[4 * r + 2], st[4 * r + 3], eps);
     return true;
   }
-  const double gn = sqrt(gg), tn = sqrt(tt);
-  const double c = fabs(gt) / ((gn > eps ? gn : eps) * (tn > eps ? tn : eps));
-  const bool layer = c < delta / sqrt((double)(rows * len));
-  const double kl = layer ? tu / ((tn + eps) * (tn + eps)) : 0.0;
+  const bool layer = projection_cos(gt, gg, tt, eps) < delta / sqrt((double)(rows * len));
+  const double kl = layer ? projection_k(tt, tu, eps) : 0.0;
   for (int64_t r = 0; r < rows; ++r) k[r] = (float)kl;
   return layer;
 }

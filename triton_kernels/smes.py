@@ -34,8 +34,10 @@ INTERPRET = _kernels.INTERPRET
 TORCH_TO_TL = _kernels.TORCH_TO_TL
 _smes_step_kernel = _kernels._smes_step_kernel
 _smes_scalars_kernel = _kernels._smes_scalars_kernel
+_smes_decide_kernel = _kernels._smes_decide_kernel
 
 LAUNCHES_PER_STEP = 2
+LAUNCHES_PER_PROJECTED_STEP = 4  # prologue, moments + row sums, decision, projected update
 _COL = (int(_kernels.COL_P), int(_kernels.COL_M), int(_kernels.COL_V), int(_kernels.COL_VMAX),
         int(_kernels.COL_STEP))  # fmt: skip
 _COL_G = int(_kernels.COL_G)
@@ -47,6 +49,8 @@ _LR_CODE = {
     torch.float16: int(_kernels.LR_F16),
 }
 _LR_SHIFT = int(_kernels.LR_SHIFT)
+_FLAG_RECTIFY = int(_kernels.FLAG_RECTIFY)
+_FLAG_SUM_V = int(_kernels.FLAG_SUM_V)
 
 CACHE = TableCache()
 
@@ -65,6 +69,10 @@ class GroupHyper(NamedTuple):
     exponent: float
     weight_decay: float
     bias_correction: bool
+    rectify: bool = False
+    second_moment_sum: bool = False
+    projection_delta: float = 0.1
+    projection_wd_ratio: float = 0.1
 
 
 def launch_config(device: torch.device) -> tuple[int, int, int]:
@@ -152,7 +160,12 @@ def _group_row(h, device: torch.device) -> tuple[float, float, int]:
             lr, addr, code = 0.0, lr.data_ptr(), _LR_CODE[lr.dtype]
         else:
             lr = float(lr)  # a CPU tensor: no device sync
-    flags = (1 if h.bias_correction else 0) | (code << _LR_SHIFT)
+    flags = (
+        (1 if h.bias_correction else 0)
+        | (code << _LR_SHIFT)
+        | (_FLAG_RECTIFY if h.rectify else 0)
+        | (_FLAG_SUM_V if h.second_moment_sum else 0)
+    )
     return float(lr), addr, flags
 
 
@@ -165,6 +178,7 @@ def _group_rows(groups, device) -> np.ndarray:
         out[r, 5] = flags
         f[r, 6] = lr
         out[r, 7] = addr
+        f[r, 8:10] = (h.projection_delta, h.projection_wd_ratio)
     return out
 
 
@@ -177,8 +191,15 @@ def _key(params, device, pdt, sdt, variant, block_size, n_groups) -> tuple:
         block_size,
         n_groups,
         tuple(p.data_ptr() for p in params),
-        tuple(p.numel() for p in params),
+        # the projection walks rows: its tables depend on the shapes, not only the sizes
+        tuple(p.shape for p in params) if variant.projection else tuple(p.numel() for p in params),
     )
+
+
+def projection_rows(params) -> list[int]:
+    """Rows per tensor for the projection (SPEC §4): size(0) of a non-empty tensor of dim > 1,
+    else 0 (never projected)."""
+    return [p.shape[0] if p.dim() > 1 and p.numel() > 0 else 0 for p in params]
 
 
 def _step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, index, variant,
@@ -197,7 +218,8 @@ def _step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, 
     if t is None:
         smes_checks.check_static(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                                  range(n), variant)  # fmt: skip
-        t = CACHE.build(key, [p.numel() for p in params], n_groups, device, block_size)
+        rows = projection_rows(params) if variant.projection else None
+        t = CACHE.build(key, [p.numel() for p in params], n_groups, device, block_size, rows)
     # Inside a capture the eager table is left as it is: a copy of its mirror takes the changes.
     mirror = t.mirror.copy() if cap else t.mirror
     lo, hi = n + n_groups, 0
@@ -290,10 +312,16 @@ def _step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, 
                 found_inf=found_inf)  # fmt: skip
     for hook in LAUNCH_HOOKS:
         hook(consts, t.n_blocks, ptrs)
-    CACHE.stats["launches"] += 1
-    _smes_step_kernel[(t.n_blocks,)](
-        buf, t.scal, t.block_map, grad_scale, found_inf, num_warps=num_warps, **consts
-    )
+    args = (buf, t.scal, t.block_map, grad_scale, found_inf)
+    if not variant.projection:
+        CACHE.stats["launches"] += 1
+        _smes_step_kernel[(t.n_blocks,)](*args, t.scal, num_warps=num_warps, **consts)
+        return
+    # The projection (SPEC §4): moments and row sums, the decision per tensor, the update.
+    CACHE.stats["launches"] += 3
+    _smes_step_kernel[(t.n_blocks,)](*args, t.row_stats, num_warps=num_warps, PHASE=1, **consts)
+    _smes_decide_kernel[(n,)](buf, t.scal, t.row_stats, t.row_k, BLOCK_R=128)
+    _smes_step_kernel[(t.n_blocks,)](*args, t.row_k, num_warps=num_warps, PHASE=2, **consts)
 
 
 __all__ = ["CACHE", "LAUNCH_HOOKS", "LAUNCHES_PER_STEP", "GroupHyper", "smes_step", "step_groups",

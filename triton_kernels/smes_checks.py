@@ -62,6 +62,11 @@ def check_static(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, rows, va
     for i in rows:
         p = params[i]
         check_tensor(p, p, "params", i, pdt, device)
+        if getattr(variant, "projection", False) and p.dim() > 1 and not p.is_contiguous():
+            raise LayoutError(
+                f"{_WHO}: params[{i}] (projection=True) has strides {p.stride()} for shape "
+                f"{tuple(p.shape)}; the projection walks rows of contiguous tensors"
+            )
         check_tensor(exp_avgs[i], p, "exp_avgs", i, sdt, device)
         if variant.track_v:
             check_tensor(exp_avg_sqs[i], p, "exp_avg_sqs", i, sdt, device)

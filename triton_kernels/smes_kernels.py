@@ -59,22 +59,30 @@ P_HALF = 1
 P_GENERAL = 2
 
 # Table layout (tl.constexpr, so the kernels can read them; int() gives the host value): one row of
-# 8 words per tensor, then one per param group.
+# 10 words per tensor, then one per param group.
 _c = tl.constexpr
-ROW = _c(8)
+ROW = _c(10)
 COL_P, COL_G, COL_M, COL_V, COL_VMAX, COL_STEP, COL_NUMEL, COL_GROUP = (_c(i) for i in range(8))
+# Projection (SPEC §4): the tensor's rows (its size(0) when dim > 1, else 1) and its first row in
+# the bucket's row buffers.
+COL_NROWS, COL_ROW0 = _c(8), _c(9)
 # Group row: float64 beta1, beta2, eps, exponent, weight_decay; int64 flags; float64 lr; int64
-# lr address (a device tensor lr, read every step) or 0.
+# lr address (a device tensor lr, read every step) or 0; float64 projection_delta and
+# projection_wd_ratio.
 GCOL_BETA1, GCOL_BETA2, GCOL_EPS, GCOL_EXP, GCOL_WD, GCOL_FLAGS, GCOL_LR, GCOL_LR_ADDR = (
     _c(i) for i in range(8)
 )
+GCOL_DELTA, GCOL_WD_RATIO = _c(8), _c(9)
 FLAG_BIAS_CORRECTION = _c(1)
-LR_SHIFT = _c(1)  # flags >> LR_SHIFT: where the lr is read (LR_*)
+LR_SHIFT = _c(1)  # (flags >> LR_SHIFT) & LR_MASK: where the lr is read (LR_*)
+LR_MASK = _c(7)
 LR_HOST, LR_F32, LR_F64, LR_BF16, LR_F16 = (_c(i) for i in range(5))
+FLAG_RECTIFY = _c(16)  # RAdam's rectification (SPEC §4)
+FLAG_SUM_V = _c(32)  # AdaGrad: v ← v + g², no bc2
 # Per-tensor float32 scalars of one step (written by the prologue, read by every block).
 SCAL_COLS = _c(16)
 (S_STEP_SIZE, S_DECAY, S_BC2, S_BC2_SQRT, S_BETA1, S_OMB1, S_BETA2, S_OMB2, S_EPS, S_EXP,
- S_WD) = (_c(i) for i in range(11))  # fmt: skip
+ S_WD, S_ADAPT, S_DECAY_PROJ, S_DELTA) = (_c(i) for i in range(14))  # fmt: skip
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -141,7 +149,9 @@ def _smes_scalars_kernel(
     exponent = tl.load(gf_ptr + GCOL_EXP, mask=mask, other=0.0)
     weight_decay = tl.load(gf_ptr + GCOL_WD, mask=mask, other=0.0)
     flags = tl.load(gi_ptr + GCOL_FLAGS, mask=mask, other=0)
-    lr = _load_lr(gi_ptr, gf_ptr, flags >> LR_SHIFT, mask)
+    lr = _load_lr(gi_ptr, gf_ptr, (flags >> LR_SHIFT) & LR_MASK, mask)
+    wd_ratio = tl.load(gf_ptr + GCOL_WD_RATIO, mask=mask, other=1.0)
+    delta = tl.load(gf_ptr + GCOL_DELTA, mask=mask, other=0.0)
 
     # The step count, advanced here (float32, as torch's _foreach_add_) unless found_inf is set.
     step_ptr = step_addr.to(tl.pointer_type(tl.float32))
@@ -152,24 +162,38 @@ def _smes_scalars_kernel(
 
     t = step.to(tl.float64)
     bc_on = (flags & FLAG_BIAS_CORRECTION) != 0
+    sum_v = (flags & FLAG_SUM_V) != 0
+    b2t = tl.exp2(t * tl.log2(beta2))
     bc1 = tl.where(bc_on, 1.0 - tl.exp2(t * tl.log2(beta1)), 1.0)
-    bc2 = tl.where(bc_on, 1.0 - tl.exp2(t * tl.log2(beta2)), 1.0)
+    bc2 = tl.where(bc_on & (sum_v == 0), 1.0 - b2t, 1.0)
+    # RAdam (SPEC §4): while rho_t <= 5 the step is the p = 0 rule, then times r_t.
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * t * b2t / (1.0 - b2t)
+    rect_on = ((flags & FLAG_RECTIFY) != 0) & (exponent != 0.0)
+    adaptive = (rect_on == 0) | (rho_t > 5.0)
+    rho_s = tl.where(rho_t > 5.0, rho_t, 6.0)
+    r_num = (rho_s - 4.0) * (rho_s - 2.0) * rho_inf
+    r_t = tl.sqrt(r_num / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_s))
+    step_size = tl.where(rect_on & adaptive, lr / bc1 * r_t, lr / bc1)
     out = scal_ptr + i.to(tl.int64) * SCAL_COLS
-    tl.store(out + S_STEP_SIZE, (lr / bc1).to(tl.float32), mask=mask)
+    tl.store(out + S_STEP_SIZE, step_size.to(tl.float32), mask=mask)
     tl.store(out + S_DECAY, (1.0 - lr * weight_decay).to(tl.float32), mask=mask)
+    tl.store(out + S_DECAY_PROJ, (1.0 - lr * weight_decay * wd_ratio).to(tl.float32), mask=mask)
+    tl.store(out + S_DELTA, delta.to(tl.float32), mask=mask)
+    tl.store(out + S_ADAPT, tl.where(adaptive, 1.0, 0.0).to(tl.float32), mask=mask)
     tl.store(out + S_BC2, bc2.to(tl.float32), mask=mask)
     tl.store(out + S_BC2_SQRT, tl.sqrt(bc2).to(tl.float32), mask=mask)
     tl.store(out + S_BETA1, beta1.to(tl.float32), mask=mask)
     tl.store(out + S_OMB1, (1.0 - beta1).to(tl.float32), mask=mask)
-    tl.store(out + S_BETA2, beta2.to(tl.float32), mask=mask)
-    tl.store(out + S_OMB2, (1.0 - beta2).to(tl.float32), mask=mask)
+    tl.store(out + S_BETA2, tl.where(sum_v, 1.0, beta2).to(tl.float32), mask=mask)
+    tl.store(out + S_OMB2, tl.where(sum_v, 1.0, 1.0 - beta2).to(tl.float32), mask=mask)
     tl.store(out + S_EPS, eps.to(tl.float32), mask=mask)
     tl.store(out + S_EXP, exponent.to(tl.float32), mask=mask)
     tl.store(out + S_WD, weight_decay.to(tl.float32), mask=mask)
 
 
 @triton.jit
-def _smes_math(
+def _smes_moments(
     theta,
     g,
     m,
@@ -180,33 +204,22 @@ def _smes_math(
     one_minus_beta1,
     beta2,
     one_minus_beta2,
-    eps,
-    exponent,
     weight_decay,
-    decay,
-    step_size,
-    bc2,
-    bc2_sqrt,
-    P_CLASS: tl.constexpr,
     TRACK_V: tl.constexpr,
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
 ):
-    """The per-element SMES rule (SPEC §1) in float32; every backend's math, written once here.
-
-    Inputs are float32 blocks (``v``/``vmax`` unused when not tracked) and the float32 scalars of
-    the tensor (``decay = 1 − η·λ``, ``step_size = η/bc1``, ``bc2``, ``bc2_sqrt = sqrt(bc2)``).
-    Returns the new ``(theta, m, v, vmax)``.
-    """
+    """The moments of SPEC §1: returns ``(g_cos, m, v, vmax, vhat)`` where ``g_cos`` is the
+    gradient after maximize and 1/grad_scale, before L2 (what the projection's cosine reads)."""
     if MAXIMIZE:  # compile-time: removes the negation
         g = -g
     g = g * inv_scale  # 1/grad_scale, exactly 1.0 when no scaler is used
-    if DECOUPLED:  # compile-time: AdamW decay on θ, else L2 added to the gradient
-        theta = theta * decay  # decay == 1 exactly when λ == 0
-    else:
+    g_cos = g
+    if not DECOUPLED:  # compile-time: L2 added to the gradient
         g = tl.where(weight_decay != 0.0, g + weight_decay * theta, g)
     m = beta1 * m + one_minus_beta1 * g
+    vhat = m
     if TRACK_V:  # compile-time: removes v's load, update and store (SGD memory at p = 0)
         v = beta2 * v + one_minus_beta2 * g * g
         if AMSGRAD:  # compile-time: removes v_max's load, max and store
@@ -214,17 +227,23 @@ def _smes_math(
             vhat = vmax
         else:
             vhat = v
+    return g_cos, m, v, vmax, vhat
+
+
+@triton.jit
+def _smes_direction(m, vhat, eps, exponent, bc2, bc2_sqrt, adapt, P_CLASS: tl.constexpr):
+    """The update direction u = m / D (SPEC §1; rectification's p = 0 steps where adapt == 0)."""
     if P_CLASS == 0:  # compile-time p = 0: no denominator math at all
         update = m / (1.0 + eps)
-    elif P_CLASS == 1:  # compile-time p = 0.5: AdamW's sqrt(v)/sqrt(bc2) + eps, rounded as torch
-        denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
+    else:
+        if P_CLASS == 1:  # p = 0.5: AdamW's sqrt(v)/sqrt(bc2) + eps, rounded as torch
+            denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
+        else:  # general p: v̂^p = exp2(p·log2 v̂); v̂ = 0 and p < 0 give inf, the update is 0
+            vh = tl.div_rn(vhat, bc2)
+            denom = tl.exp2(exponent * tl.log2(vh)) + eps
         update = tl.div_rn(m, denom)
-    else:  # general p: v̂^p = exp2(p·log2 v̂); v̂ = 0 and p < 0 give inf, so the update is 0
-        vh = tl.div_rn(vhat, bc2)
-        denom = tl.exp2(exponent * tl.log2(vh)) + eps
-        update = tl.div_rn(m, denom)
-    theta = theta - step_size * update
-    return theta, m, v, vmax
+        update = tl.where(adapt != 0.0, update, m / (1.0 + eps))
+    return update
 
 
 @triton.jit
@@ -238,6 +257,9 @@ def _smes_block(
     mask,
     srow,
     inv_scale,
+    row_ptr,
+    row,
+    rmask,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     P_CLASS: tl.constexpr,
@@ -245,10 +267,14 @@ def _smes_block(
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
-    """Load one block (storage dtype → float32), apply :func:`_smes_math`, store it back."""
+    """Load one block (storage dtype → float32), apply the rule, store it back.
+
+    ``PHASE`` 0: the step. The projection's two passes (SPEC §4): 1, the moments (stored) and the
+    row sums (g·θ, g·g, θ·θ, θ·u) added to ``row_ptr[4·row + c]``, θ not written; 2, the update
+    u ← u − k_row·θ with ``k_row = row_ptr[row]`` (zero where the tensor has no rows), θ written."""
     theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = m  # placeholders with the right type when v / v_max are not tracked
     vmax = m
@@ -256,36 +282,62 @@ def _smes_block(
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         if AMSGRAD:
             vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
-    theta, m, v, vmax = _smes_math(
-        theta,
-        g,
-        m,
-        v,
-        vmax,
-        inv_scale,
-        tl.load(srow + S_BETA1),
-        tl.load(srow + S_OMB1),
-        tl.load(srow + S_BETA2),
-        tl.load(srow + S_OMB2),
-        tl.load(srow + S_EPS),
-        tl.load(srow + S_EXP),
-        tl.load(srow + S_WD),
-        tl.load(srow + S_DECAY),
-        tl.load(srow + S_STEP_SIZE),
-        tl.load(srow + S_BC2),
-        tl.load(srow + S_BC2_SQRT),
-        P_CLASS,
-        TRACK_V,
-        DECOUPLED,
-        AMSGRAD,
-        MAXIMIZE,
-    )
-    tl.store(p_ptr + offs, _to_storage(theta, PARAM_DTYPE), mask=mask)
-    tl.store(m_ptr + offs, _to_storage(m, STATE_DTYPE), mask=mask)
-    if TRACK_V:
-        tl.store(v_ptr + offs, _to_storage(v, STATE_DTYPE), mask=mask)
-        if AMSGRAD:
-            tl.store(vmax_ptr + offs, _to_storage(vmax, STATE_DTYPE), mask=mask)
+    eps = tl.load(srow + S_EPS)
+    adapt = tl.load(srow + S_ADAPT)
+    exponent = tl.load(srow + S_EXP)
+    bc2 = tl.load(srow + S_BC2)
+    bc2_sqrt = tl.load(srow + S_BC2_SQRT)
+    if PHASE == 2:
+        vhat = m
+        if TRACK_V:
+            if AMSGRAD:
+                vhat = vmax
+            else:
+                vhat = v
+        u = _smes_direction(m, vhat, eps, exponent, bc2, bc2_sqrt, adapt, P_CLASS)
+        k = tl.load(row_ptr + row, mask=rmask, other=0.0)
+        u = u - k * theta
+        if DECOUPLED:  # the decision kernel set S_DECAY to the projected decay where it projects
+            theta = theta * tl.load(srow + S_DECAY)
+        theta = theta - tl.load(srow + S_STEP_SIZE) * u
+        tl.store(p_ptr + offs, _to_storage(theta, PARAM_DTYPE), mask=mask)
+    else:
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        g_cos, m, v, vmax, vhat = _smes_moments(
+            theta,
+            g,
+            m,
+            v,
+            vmax,
+            inv_scale,
+            tl.load(srow + S_BETA1),
+            tl.load(srow + S_OMB1),
+            tl.load(srow + S_BETA2),
+            tl.load(srow + S_OMB2),
+            tl.load(srow + S_WD),
+            TRACK_V,
+            DECOUPLED,
+            AMSGRAD,
+            MAXIMIZE,
+        )
+        u = _smes_direction(m, vhat, eps, exponent, bc2, bc2_sqrt, adapt, P_CLASS)
+        if PHASE == 0:
+            if DECOUPLED:  # decay == 1 exactly when λ == 0
+                theta = theta * tl.load(srow + S_DECAY)
+            theta = theta - tl.load(srow + S_STEP_SIZE) * u
+            tl.store(p_ptr + offs, _to_storage(theta, PARAM_DTYPE), mask=mask)
+        else:
+            out = row_ptr + 4 * row
+            tl.atomic_add(out, g_cos * theta, mask=rmask)
+            tl.atomic_add(out + 1, g_cos * g_cos, mask=rmask)
+            tl.atomic_add(out + 2, theta * theta, mask=rmask)
+            tl.atomic_add(out + 3, theta * u, mask=rmask)
+    if PHASE != 2:  # the apply pass only reads the moments
+        tl.store(m_ptr + offs, _to_storage(m, STATE_DTYPE), mask=mask)
+        if TRACK_V:
+            tl.store(v_ptr + offs, _to_storage(v, STATE_DTYPE), mask=mask)
+            if AMSGRAD:
+                tl.store(vmax_ptr + offs, _to_storage(vmax, STATE_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -295,6 +347,7 @@ def _smes_step_kernel(
     block_map_ptr,
     grad_scale_ptr,
     found_inf_ptr,
+    rows_ptr,  # the projection's row sums (PHASE 1) or row coefficients (PHASE 2); else unused
     PARAM_DTYPE: tl.constexpr,  # storage dtype of params and grads (fp32 / bf16 / fp16)
     STATE_DTYPE: tl.constexpr,  # storage dtype of exp_avg / exp_avg_sq / max_exp_avg_sq
     P_CLASS: tl.constexpr,  # 0: p = 0 (no denominator math), 1: p = 0.5 (sqrt), 2: general pow
@@ -303,6 +356,7 @@ def _smes_step_kernel(
     AMSGRAD: tl.constexpr,  # False removes v_max's load, max and store
     MAXIMIZE: tl.constexpr,  # False removes the gradient negation
     BLOCK_SIZE: tl.constexpr,  # elements per program
+    PHASE: tl.constexpr = 0,  # 0: the step; 1, 2: the projection's passes (see _smes_block)
 ):
     """One SMES step over every tensor of a bucket; program ``pid`` updates one block.
 
@@ -325,6 +379,21 @@ def _smes_step_kernel(
     limit = tl.where(found_inf == 0.0, limit, 0)
     mask = offs < limit
     inv_scale = 1.0 / tl.load(grad_scale_ptr).to(tl.float32)
+    # The projection's rows (SPEC §4): tensors without rows (dim 1) have k = 0 and no sums.
+    rows_base = rows_ptr
+    row_index = offs
+    rmask = mask
+    if PHASE != 0:
+        n_rows = tl.load(row + COL_NROWS)
+        row_len = n_elements // tl.maximum(n_rows, 1)
+        row_index = (start + offs) // row_len
+        # (offs < a scalar: the interpreter rejects a block mask combined with a scalar one)
+        rmask = offs < tl.where(n_rows > 0, limit, 0)
+        row0 = tl.load(row + COL_ROW0)
+        if PHASE == 1:
+            rows_base = rows_ptr + 4 * row0
+        else:
+            rows_base = rows_ptr + row0
 
     p_addr = tl.load(row + COL_P)
     g_addr = tl.load(row + COL_G)
@@ -359,6 +428,9 @@ def _smes_step_kernel(
             None,
             srow,
             inv_scale,
+            rows_base,
+            row_index,
+            rmask,
             PARAM_DTYPE,
             STATE_DTYPE,
             P_CLASS,
@@ -366,6 +438,7 @@ def _smes_step_kernel(
             DECOUPLED,
             AMSGRAD,
             MAXIMIZE,
+            PHASE,
         )
     else:
         _smes_block(
@@ -378,6 +451,9 @@ def _smes_step_kernel(
             mask,
             srow,
             inv_scale,
+            rows_base,
+            row_index,
+            rmask,
             PARAM_DTYPE,
             STATE_DTYPE,
             P_CLASS,
@@ -385,4 +461,66 @@ def _smes_step_kernel(
             DECOUPLED,
             AMSGRAD,
             MAXIMIZE,
+            PHASE,
         )
+
+
+@triton.jit
+def _smes_decide_kernel(addr_ptr, scal_ptr, stats_ptr, k_ptr, BLOCK_R: tl.constexpr):
+    """AdamP/SGDP's decision (SPEC §4), one program per tensor, on the device (no host sync):
+    from the row sums (g·θ, g·g, θ·θ, θ·u) of the first pass, per output channel then per layer,
+    max |cos(g, θ)| < delta/sqrt(row length) projects. Writes the row coefficients k of
+    u ← u − k·θ (0 where nothing projects), the projected decay into the tensor's ``S_DECAY``,
+    and zeroes the row sums for the next step."""
+    i = tl.program_id(0).to(tl.int64)
+    row = addr_ptr + i * ROW
+    n_rows = tl.load(row + COL_NROWS)
+    if n_rows > 0:
+        numel = tl.load(row + COL_NUMEL)
+        row0 = tl.load(row + COL_ROW0)
+        srow = scal_ptr + i * SCAL_COLS
+        eps = tl.load(srow + S_EPS)
+        delta = tl.load(srow + S_DELTA)
+        row_len = numel // n_rows
+        max_cos = 0.0
+        n_nan = 0
+        gt = 0.0
+        gg = 0.0
+        tt = 0.0
+        tu = 0.0
+        for r0 in range(0, n_rows, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            m = r < n_rows
+            base = stats_ptr + 4 * (row0 + r)
+            x0 = tl.load(base, mask=m, other=0.0)
+            x1 = tl.load(base + 1, mask=m, other=0.0)
+            x2 = tl.load(base + 2, mask=m, other=0.0)
+            x3 = tl.load(base + 3, mask=m, other=0.0)
+            c = tl.abs(x0) / (tl.maximum(tl.sqrt(x1), eps) * tl.maximum(tl.sqrt(x2), eps))
+            n_nan += tl.sum((c != c).to(tl.int32))
+            max_cos = tl.maximum(max_cos, tl.max(tl.where(m, c, 0.0)))
+            gt += tl.sum(x0)
+            gg += tl.sum(x1)
+            tt += tl.sum(x2)
+            tu += tl.sum(x3)
+        by_row = (max_cos < delta / tl.sqrt(row_len.to(tl.float32))) & (n_nan == 0)
+        c_layer = tl.abs(gt) / (tl.maximum(tl.sqrt(gg), eps) * tl.maximum(tl.sqrt(tt), eps))
+        by_layer = (by_row == 0) & (c_layer < delta / tl.sqrt(numel.to(tl.float32)))
+        tn = tl.sqrt(tt) + eps
+        k_layer = tl.where(by_layer, tu / (tn * tn), 0.0)
+        for r0 in range(0, n_rows, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            m = r < n_rows
+            base = stats_ptr + 4 * (row0 + r)
+            x2 = tl.load(base + 2, mask=m, other=0.0)
+            x3 = tl.load(base + 3, mask=m, other=0.0)
+            tr = tl.sqrt(x2) + eps
+            k = tl.where(by_row, x3 / (tr * tr), k_layer)
+            tl.store(k_ptr + row0 + r, k, mask=m)
+            zero = tl.zeros((BLOCK_R,), tl.float32)
+            tl.store(base, zero, mask=m)
+            tl.store(base + 1, zero, mask=m)
+            tl.store(base + 2, zero, mask=m)
+            tl.store(base + 3, zero, mask=m)
+        if by_row | by_layer:
+            tl.store(srow + S_DECAY, tl.load(srow + S_DECAY_PROJ))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-GROUP_FIELDS = 8  # beta1, beta2, eps, exponent, weight_decay, bias_correction, lr, lr tensor index
+# beta1, beta2, eps, exponent, weight_decay, bias_correction, lr, lr tensor index, rectify,
+# second_moment_sum, projection_delta, projection_wd_ratio
+GROUP_FIELDS = 12
 
 
 def flatten_groups(groups) -> tuple[list[float], list[Tensor]]:
@@ -25,7 +27,9 @@ def flatten_groups(groups) -> tuple[list[float], list[Tensor]]:
             lr_tensors.append(lr)
             lr = 0.0
         flat += [h.beta1, h.beta2, h.eps, h.exponent, h.weight_decay,
-                 1.0 if h.bias_correction else 0.0, float(lr), idx]  # fmt: skip
+                 1.0 if h.bias_correction else 0.0, float(lr), idx,
+                 1.0 if h.rectify else 0.0, 1.0 if h.second_moment_sum else 0.0,
+                 h.projection_delta, h.projection_wd_ratio]  # fmt: skip
     return flat, lr_tensors
 
 
@@ -34,9 +38,12 @@ def unflatten_groups(flat, lr_tensors) -> list:
 
     out = []
     for r in range(len(flat) // GROUP_FIELDS):
-        b1, b2, eps, p, wd, bc, lr, idx = flat[r * GROUP_FIELDS : (r + 1) * GROUP_FIELDS]
+        b1, b2, eps, p, wd, bc, lr, idx, rect, sv, delta, ratio = flat[
+            r * GROUP_FIELDS : (r + 1) * GROUP_FIELDS
+        ]
         lr = lr_tensors[int(idx)] if idx >= 0 else lr
-        out.append(GroupHyper(lr, b1, b2, eps, p, wd, bc != 0.0))
+        out.append(GroupHyper(lr, b1, b2, eps, p, wd, bc != 0.0, rect != 0.0, sv != 0.0,
+                              delta, ratio))  # fmt: skip
     return out
 
 
@@ -60,7 +67,7 @@ def triton_step_(
 ) -> None:
     """One SMES step (two launches); ``exp_avg_sqs`` / ``max_exp_avg_sqs`` are empty when the
     variant does not track them; ``variant`` is (p_class, track_v, decoupled, amsgrad,
-    maximize) as ints."""
+    maximize, projection) as ints."""
     from .._bucket import Variant
     from .smes import step_groups
 

@@ -32,6 +32,8 @@ from . import smes_kernels as K
 ROW = int(K.ROW)
 COL_GROUP = int(K.COL_GROUP)
 COL_NUMEL = int(K.COL_NUMEL)
+COL_NROWS = int(K.COL_NROWS)
+COL_ROW0 = int(K.COL_ROW0)
 SCAL_COLS = int(K.SCAL_COLS)
 STAGING_RING = 4
 
@@ -69,6 +71,10 @@ class Tables:
     frozen: bool = False  # read by a captured graph: never written again
     sources: tuple = ()  # the lists the static rows were read from (identity)
     grad_ptrs: np.ndarray | None = None
+    # The projection's row buffers (SPEC §4), float32 on the device: 4 sums per row (zeroed by
+    # the decision kernel after reading them) and one coefficient per row.
+    row_stats: torch.Tensor | None = None
+    row_k: torch.Tensor | None = None
     group_rows: tuple | None = None
     group_index: list | None = None
 
@@ -121,8 +127,11 @@ class TableCache:
         """The newest table of ``key`` a graph reads (another capture may read it too)."""
         return next((t for t in reversed(self.graph_tables) if t.key == key), None)
 
-    def build(self, key, numels: list[int], n_groups: int, device, block_size: int) -> Tables:
-        """A new table of ``len(numels)`` tensors and ``n_groups`` groups; rows not yet filled."""
+    def build(
+        self, key, numels: list[int], n_groups: int, device, block_size: int, proj_rows=None
+    ) -> Tables:
+        """A new table of ``len(numels)`` tensors and ``n_groups`` groups; rows not yet filled.
+        ``rows``: the projection's rows per tensor (0: never projected), or None."""
         if capturing(device):
             raise RuntimeError(
                 "smes_fused triton backend: the first step of these parameters is being captured "
@@ -134,11 +143,19 @@ class TableCache:
         rows = n + n_groups
         mirror = np.zeros((rows, ROW), dtype=np.int64)
         mirror[:n, COL_NUMEL] = numels
+        total_rows = 0
+        if proj_rows is not None:
+            mirror[:n, COL_NROWS] = proj_rows
+            mirror[:n, COL_ROW0] = np.cumsum([0, *proj_rows[:-1]]) if n else []
+            total_rows = int(sum(proj_rows))
         buf = torch.zeros((rows, ROW), dtype=torch.int64, device=device)
         scal = torch.zeros((max(n, 1), SCAL_COLS), dtype=torch.float32, device=device)
         block_map, n_blocks = block_map_on_device(numels, block_size, device)
         t = Tables(key, n, n_groups, buf, scal, block_map, n_blocks, mirror)
         t.grad_ptrs = np.zeros(n, dtype=np.int64)
+        if proj_rows is not None:
+            t.row_stats = torch.zeros(4 * max(total_rows, 1), dtype=torch.float32, device=device)
+            t.row_k = torch.zeros(max(total_rows, 1), dtype=torch.float32, device=device)
         if device.type == "cuda":
             t.staging = [_pinned(rows) for _ in range(STAGING_RING)]
             t.events = [None] * STAGING_RING
