@@ -1,6 +1,6 @@
 """smes_fused: SMES (Second-Moment Exponential Scaling), Adam with a v^p denominator."""
 
-from . import functional, schedules
+from . import functional, in_backward, schedules
 from .backends import available as available_backends
 from .optimizer import SMES, lr_for_exponent
 from .schedules import (
@@ -15,6 +15,7 @@ __all__ = [
     "SMES",
     "functional",
     "schedules",
+    "in_backward",
     "available_backends",
     "lr_for_exponent",
     "ExponentScheduler",
