@@ -21,7 +21,8 @@ the block of bench/shapes.py, and a head), random float32 data, an MSE loss.
     python -m bench.in_backward                       # CSV to runs/in_backward/
     python -m bench.in_backward --out results         # the committed results/, on purpose
 
-Writes ``in_backward_<device>.csv`` into ``--out``.
+Writes ``in_backward_<device>[_<suffix>].csv`` into ``--out``. The committed results were made
+with ``--out results`` and with ``--models transformer --batch 2 --suffix batch2 --out results``.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join("runs", "in_backward"),
                     help="directory for the CSV (default runs/in_backward/, git-ignored; "
                     "--out results for the committed one)")  # fmt: skip
+    ap.add_argument("--suffix", default="", help="appended to the CSV name: in_backward_cpu_X")
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['saved_vs_usual_bytes'] / mb:>9.1f} {r['ms_per_step']:>8.2f}"
         )
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"in_backward_{device.type}.csv")
+    suffix = f"_{args.suffix}" if args.suffix else ""
+    path = os.path.join(args.out, f"in_backward_{device.type}{suffix}.csv")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
