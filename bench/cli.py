@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "does; SMES gets state_dtype='param'); default float32",
     )
     p.add_argument(
+        "--projection",
+        action="store_true",
+        help="SMES with projection=True (AdamP/SGDP, SPEC §4: two passes over tensors of dim > 1, "
+        "40 B per float32 parameter instead of 28); fused AdamW stays the reference",
+    )
+    p.add_argument(
         "--out",
         default=os.path.join("runs", "bench"),
         help="directory for the CSV and PNG (default: runs/bench/, git-ignored; the committed "
@@ -143,6 +149,7 @@ def config_from(args: argparse.Namespace, device: torch.device, backends: tuple)
         repeats=args.repeats or (3 if args.quick else 10),
         compile=args.compile,
         dtype=getattr(torch, args.dtype),
+        projection=args.projection,
     )
 
 
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: load average {env['load_avg_start']} on {os.cpu_count()} CPUs before the "
             "run: other processes compete for the cores and the timings will be noisy"
         )
+    if config.projection:
+        print("SMES with projection=True (AdamP/SGDP): 40 B per float32 parameter (28 at p = 0)")
     for b, why in considered.items():
         if why is not None:
             print(f"SMES {b}: not benchmarked: {why}")

@@ -30,15 +30,25 @@ DEFAULT_BACKENDS = {"cpu": ("foreach", "cpu"), "cuda": ("foreach", "cuda", "trit
 @dataclasses.dataclass(frozen=True)
 class Spec:
     name: str
-    bytes_per_param: int  # bytes one step must move per parameter
+    bytes_per_param: float  # bytes one step must move per parameter (mean over the set)
     build: Callable[[list[Tensor]], tuple[Step, StateFn]]
 
 
-def bytes_per_param(exponent: float, dtype: torch.dtype = torch.float32) -> int:
+def bytes_per_param(
+    exponent: float, dtype: torch.dtype = torch.float32, projected: float = 0.0
+) -> float:
     """SMES: read θ, g, m, v and write θ, m, v (7 tensors); at p = 0 v is untouched (5). 16-bit
-    params run with 16-bit state (``state_dtype="param"``, as fused AdamW keeps its state)."""
+    params run with 16-bit state (``state_dtype="param"``, as fused AdamW keeps its state).
+
+    With the projection (SPEC §4) a tensor of dim > 1 takes two passes: the moments and row sums
+    (read θ, g, m, v; write m, v) then the projected update (read θ, m, v; write θ): 10 tensors,
+    40 B per float32 parameter (7, 28 B, at p = 0). ``projected`` is the fraction of the
+    parameters in such tensors; the result is the mean over all of them."""
     size = torch.empty((), dtype=dtype).element_size()
-    return (5 if exponent == 0 else 7) * size
+    plain = 5 if exponent == 0 else 7
+    two_pass = 7 if exponent == 0 else 10
+    b = ((1 - projected) * plain + projected * two_pass) * size
+    return int(b) if b == int(b) else round(b, 1)
 
 
 def specs(
@@ -49,9 +59,13 @@ def specs(
     unfused_adamw: bool,
     compile: bool,
     dtype: torch.dtype = torch.float32,
+    projection: bool = False,
+    projected: float = 0.0,
 ) -> list[Spec]:
     """The competitors of one cell. Fused AdamW, the reference of every ratio, is in all of
-    them; AdamW's foreach and for-loop implementations only where ``unfused_adamw``."""
+    them; AdamW's foreach and for-loop implementations only where ``unfused_adamw``.
+    ``projection``: SMES with projection=True, ``projected`` the fraction of parameters in
+    tensors of dim > 1 (the ones it projects)."""
     adamw_bytes = bytes_per_param(0.5, dtype)
     out = [Spec(REFERENCE, adamw_bytes, _adamw(fused=True))]
     if unfused_adamw:
@@ -61,9 +75,8 @@ def specs(
         out.append(Spec("AdamW compiled", adamw_bytes, _compiled_adamw))
     state_dtype = None if dtype == torch.float32 else "param"
     for b in backends:
-        out.append(
-            Spec(f"SMES {b}", bytes_per_param(exponent, dtype), _smes(b, exponent, state_dtype))
-        )
+        nbytes = bytes_per_param(exponent, dtype, projected if projection else 0.0)
+        out.append(Spec(f"SMES {b}", nbytes, _smes(b, exponent, state_dtype, projection)))
     name, nbytes, build = roofline(device, dtype)
     out.append(Spec(name, nbytes, lambda params: _buffers(*build(params))))
     return out
@@ -126,12 +139,13 @@ def _compiled_adamw(params: list[Tensor]) -> tuple[Step, StateFn]:
 
 
 def _smes(
-    backend: str, exponent: float, state_dtype: str | None = None
+    backend: str, exponent: float, state_dtype: str | None = None, projection: bool = False
 ) -> Callable[[list[Tensor]], tuple[Step, StateFn]]:
     def build(params: list[Tensor]) -> tuple[Step, StateFn]:
         from smes_fused import SMES
 
-        opt = SMES(params, exponent=exponent, backend=backend, state_dtype=state_dtype)
+        opt = SMES(params, exponent=exponent, backend=backend, state_dtype=state_dtype,
+                   projection=projection)  # fmt: skip
         return _optimizer(opt)
 
     return build

@@ -27,6 +27,7 @@ ENV_COLUMNS = (
 RESULT_COLUMNS = (
     "shape_set",
     "param_dtype",
+    "projection",
     "set_source",
     "n_params",
     "n_tensors",
@@ -57,7 +58,7 @@ _TABLE = (
     ("competitor", "competitor", 31, "", None),
     ("ms/step", "ms_per_step", 9, ".2f", 1),
     ("Mparam/s", "params_per_s", 9, ".0f", 1e-6),
-    ("B/param", "bytes_per_param", 7, "d", None),
+    ("B/param", "bytes_per_param", 7, "g", None),
     ("GB/s", "gb_per_s", 7, ".1f", 1),
     ("%roof", "pct_of_roofline", 6, ".0f", 1),
     ("x fused", "speedup_vs_fused_adamw", 8, ".2f", 1),

@@ -29,6 +29,7 @@ class Config:
     repeats: int
     compile: bool = False
     dtype: torch.dtype = torch.float32  # params and grads (16-bit: 16-bit state everywhere)
+    projection: bool = False  # SMES with projection=True (AdamP/SGDP, SPEC §4)
 
     @property
     def rounds(self) -> int:
@@ -56,6 +57,8 @@ def run(
     rows: list[dict] = []
     for shape_set in config.sets:
         params = _allocate(shape_set, config.device, config.dtype)
+        n_all = sum(p.numel() for p in params) or 1
+        projected = sum(p.numel() for p in params if p.dim() > 1) / n_all
         for exponent in config.exponents:
             on_cell(f"{shape_set.name} p={exponent:g}")
             # The other AdamWs do not depend on p and are slow (or slow to compile): they run
@@ -68,6 +71,8 @@ def run(
                 unfused_adamw=first,
                 compile=config.compile and first,
                 dtype=config.dtype,
+                projection=config.projection,
+                projected=projected,
             )
             ready = []
             for spec in cell:
@@ -102,6 +107,7 @@ def _prime(config: Config) -> None:
         unfused_adamw=True,
         compile=False,
         dtype=config.dtype,
+        projection=config.projection,
     )
     for spec in cell:
         try:
@@ -191,6 +197,7 @@ def _rows(
             {
                 "shape_set": shape_set.name,
                 "param_dtype": str(config.dtype).replace("torch.", ""),
+                "projection": config.projection,
                 "set_source": shape_set.source,
                 "n_params": n,
                 "n_tensors": shape_set.n_tensors,

@@ -134,3 +134,22 @@ def test_competitors_of_a_cell_share_state_memory_and_stay_finite():
             r.step()
     for t in params + [t for r in ready for t in r.state().values()]:
         assert torch.isfinite(t).all()
+
+
+def test_projection_run_counts_two_passes_for_matrices(tmp_path):
+    """``--projection``: SMES runs with projection=True; tensors of dim > 1 move 40 B per float32
+    parameter (two passes), others 28, and B/param is their mean over the set."""
+    from bench.competitors import bytes_per_param
+
+    assert bytes_per_param(0.5) == 28 and bytes_per_param(0.0) == 20
+    assert bytes_per_param(0.5, projected=1.0) == 40 and bytes_per_param(0.0, projected=1.0) == 28
+    assert bytes_per_param(-0.08, projected=0.5) == 34
+    cmd = [sys.executable, "-m", "bench", "--device", "cpu", "--projection", "--sets", "vgg16",
+           "--exponents", "0.5", "--repeats", "1", "--warmup", "0", "--backends", "cpu",
+           "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "bench_cpu.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["competitor"] == "SMES cpu"]
+    assert rows and all(r["projection"] == "True" for r in rows)
+    assert all(36 < float(r["bytes_per_param"]) <= 40 for r in rows)  # mostly matrices
