@@ -571,6 +571,14 @@ class _Plan:
                     keys.add(BucketKey(p.device, p.dtype, sdt))
                 flat += 1
         self.backends = functional.resolve(keys, opt.backend)
+        for _, p, gi, _ in todo:
+            if hypers[gi].projection and p.dim() > 1 and _is_dtensor(p):
+                raise NotImplementedError(
+                    f"projection=True with a sharded (DTensor) parameter of shape "
+                    f"{tuple(p.shape)}: the projection's per-row and per-layer reductions would "
+                    "need a reduction across shards, which SMES does not do yet; set "
+                    "projection=False for this param group, or use DDP (whole parameters)"
+                )
 
         # Validated: create missing state and fill the buckets. DTensor params (FSDP2, tensor
         # parallel) and their state are entered as their local shards: the rule is elementwise,

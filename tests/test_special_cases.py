@@ -254,3 +254,30 @@ def test_oracle_parity(backend, ext, p, combo, step):
         if ref_v is not None:
             v = opt.state[x]["exp_avg_sq"]
             assert oracle.worst_ratio(v, old["exp_avg_sq"], ref_v, rtol) <= 1
+
+
+def test_projection_of_sharded_params_is_refused(tmp_path):
+    """DTensor params: the projection's reductions would need the other shards; a clear error,
+    before anything changes."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    from torch.distributed.tensor import distribute_tensor, init_device_mesh
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                                world_size=1)  # fmt: skip
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh))
+        before = p.detach().full_tensor().clone()
+        opt = SMES([p], projection=True, backend="reference")
+        p.grad = distribute_tensor(torch.randn(8, 4), mesh)
+        with pytest.raises(NotImplementedError, match="projection=True with a sharded"):
+            opt.step()
+        assert torch.equal(p.detach().full_tensor(), before) and not opt.state[p]
+    finally:
+        if own:
+            dist.destroy_process_group()
