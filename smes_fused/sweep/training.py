@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ class Config:
     lr_mults: tuple[float, ...] = DEFAULT_LR_MULTS
     lr0: float = 0.3  # centre of the lr grid at p = 0 (SGD scale)
     lr_half: float = 3e-3  # centre of the lr grid at p = 0.5 (Adam scale)
+    lr: float | None = None  # if set: the centre of the lr grid for every p (no interpolation)
     epochs: int = 15
-    batch_size: int = 64
+    batch_size: int = 64  # 0: full batch
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -36,6 +38,15 @@ class Config:
     warmup_epochs: float = 1.0
     batchnorm: bool = True
     backend: str = "auto"
+    model: str = "vgg"  # or "mlp" (Wilson's data always get the linear model)
+    mlp_depth: int = 8
+    mlp_width: int = 256
+    init: str | None = None  # "torch" or "he"; None: torch's with BatchNorm, He's without
+    log_every: int = 1  # epochs between the per-epoch rows (and their validation pass)
+
+    def grid_centre(self, p: float) -> float:
+        """The centre of p's lr grid: ``lr`` if set, else :func:`centre_lr`."""
+        return self.lr if self.lr is not None else centre_lr(p, self.lr0, self.lr_half)
 
 
 def centre_lr(p: float, lr0: float, lr_half: float) -> float:
@@ -55,24 +66,38 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
 
 
+def loss_and_correct(out: torch.Tensor, y: torch.Tensor, kind: str = "cross_entropy"):
+    """(summed loss, number right) of a batch. ``squared``: 0.5 (f(x) - y)^2, right iff
+    sign f(x) = y (an output of exactly 0 counts as wrong); else cross-entropy and argmax."""
+    if kind == "squared":
+        return 0.5 * (out - y).pow(2).sum(), int((out * y > 0).sum())
+    return F.cross_entropy(out, y, reduction="sum"), int((out.argmax(1) == y).sum())
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024):
-    """(mean cross-entropy, accuracy) in eval mode."""
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: int = 1024,
+    loss: str = "cross_entropy",
+):
+    """(mean loss, accuracy) in eval mode; ``loss`` as in :func:`loss_and_correct`."""
     model.eval()
-    loss, correct = 0.0, 0
+    total, correct = 0.0, 0
     for i in range(0, len(y), batch):
-        out = model(x[i : i + batch])
-        loss += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
-        correct += int((out.argmax(1) == y[i : i + batch]).sum())
+        s, c = loss_and_correct(model(x[i : i + batch]), y[i : i + batch], loss)
+        total += float(s)
+        correct += c
     n = max(1, len(y))
-    return loss / n, correct / n
+    return total / n, correct / n
 
 
 def train_run(data: Dataset, p: float, lr: float, seed: int, cfg: Config):
     """One training run. Returns (summary row, list of per-epoch rows)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = build_model(data, cfg.batchnorm)
+    model = build_model(data, cfg.batchnorm, cfg.model, cfg.mlp_depth, cfg.mlp_width, cfg.init)
     names, weights = zip(*model.weight_layers(), strict=True)
     opt = SMES(
         model.parameters(),
@@ -85,25 +110,33 @@ def train_run(data: Dataset, p: float, lr: float, seed: int, cfg: Config):
         backend=cfg.backend,
     )
     n = len(data.y_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    batch = n if cfg.batch_size <= 0 else min(cfg.batch_size, n)
+    steps_per_epoch = math.ceil(n / batch)
     total = steps_per_epoch * cfg.epochs
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.schedule)
     )
     tracker = UpdateRatioTracker(list(weights))
+    evaluate_ = functools.partial(evaluate, loss=data.loss)
     epochs, diverged = [], False
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        tracker.reset()
-        run_loss, run_correct = 0.0, 0
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            xb, yb = data.x_train[idx], data.y_train[idx]
+        if (epoch - 1) % cfg.log_every == 0:
+            tracker.reset()
+            run_loss, run_correct, run_n = 0.0, 0, 0
+        # full batch: no shuffling (the order only changes the summation's rounding)
+        perm = torch.randperm(n, generator=gen) if batch < n else None
+        for i in range(0, n, batch):
+            if perm is None:
+                xb, yb = data.x_train, data.y_train
+            else:
+                idx = perm[i : i + batch]
+                xb, yb = data.x_train[idx], data.y_train[idx]
             out = model(xb)
-            loss = F.cross_entropy(out, yb)
+            loss_sum, correct = loss_and_correct(out, yb, data.loss)
+            loss = loss_sum / len(yb)
             if not torch.isfinite(loss):
                 diverged = True
                 break
@@ -114,35 +147,46 @@ def train_run(data: Dataset, p: float, lr: float, seed: int, cfg: Config):
             tracker.after_step()
             sched.step()
             run_loss += loss.item() * len(yb)
-            run_correct += int((out.argmax(1) == yb).sum())
+            run_correct += correct
+            run_n += len(yb)
         if diverged:
             break
-        val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
+        if epoch % cfg.log_every and epoch != cfg.epochs:
+            continue
+        val_loss, val_acc = evaluate_(model, data.x_val, data.y_val)
         row = {
             "p": p,
             "lr": lr,
             "seed": seed,
             "epoch": epoch,
-            "train_loss_running": run_loss / n,
-            "train_acc_running": run_correct / n,
+            # over the epochs since the previous row (--log-every), as the weights moved
+            "train_loss_running": run_loss / run_n,
+            "train_acc_running": run_correct / run_n,
             "val_loss": val_loss,
             "val_acc": val_acc,
         }
         row.update({f"ratio_{k}": v for k, v in zip(names, tracker.mean(), strict=True)})
         epochs.append(row)
 
-    train_loss, train_acc = evaluate(model, data.x_train, data.y_train)
-    val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+    train_loss, train_acc = evaluate_(model, data.x_train, data.y_train)
+    val_loss, val_acc = evaluate_(model, data.x_val, data.y_val)
+    test_loss, test_acc = evaluate_(model, data.x_test, data.y_test)
     if diverged or not math.isfinite(train_loss):
         train_loss = val_loss = test_loss = math.nan
     ratios = tracker.mean(total=True)
+    with torch.no_grad():
+        weight_norm = float(torch.cat([w.detach().flatten() for w in weights]).norm())
     summary = {
         "p": p,
         "lr": lr,
         "seed": seed,
         "data": data.name,
-        "batchnorm": int(cfg.batchnorm),
+        "model": "linear" if data.loss == "squared" else cfg.model,
+        "batchnorm": int(cfg.batchnorm and data.loss != "squared"),
+        "init": "zero"
+        if data.loss == "squared"
+        else cfg.init or ("torch" if cfg.batchnorm else "he"),
+        "n_train": n,
         "epochs": cfg.epochs,
         "diverged": int(diverged),
         "train_loss": train_loss,
@@ -153,9 +197,14 @@ def train_run(data: Dataset, p: float, lr: float, seed: int, cfg: Config):
         "test_acc": test_acc,
         "gap_acc": train_acc - test_acc,
         "gap_loss": test_loss - train_loss,
+        "weight_norm": weight_norm,
         "out_in": ratios[-1] / ratios[0] if ratios[0] > 0 else math.nan,
-        "seconds": time.perf_counter() - t0,
     }
+    if data.loss == "squared":  # Wilson's construction: the error and the solution
+        summary["test_err"] = 1.0 - test_acc
+        summary["test_neg"] = float((data.y_test < 0).float().mean())
+        summary.update(model.solution())
+    summary["seconds"] = time.perf_counter() - t0
     summary.update({f"ratio_{k}": v for k, v in zip(names, ratios, strict=True)})
     return summary, epochs
 
