@@ -211,7 +211,7 @@ def test_tracker_skips_steps_from_a_zero_weight():
 def test_task_defaults_paper_constants_and_explicit_options():
     parse = sweep.build_parser().parse_args
     cfg, n, _, tag = sweep.resolve(parse(["--data", "wilson"]))
-    assert (cfg.batch_size, cfg.weight_decay, cfg.epochs, n) == (0, 0.0, 2000, 100)
+    assert (cfg.batch_size, cfg.weight_decay, cfg.epochs, n) == (0, 0.0, 1000, 100)
     assert len(cfg.exponents) == 17 and cfg.exponents[0] == -0.3 and cfg.exponents[-1] == 0.5
     assert tag == "sweep_wilson"
     cfg, n, _, tag = sweep.resolve(parse(["--data", "mnist5k", "--model", "mlp", "--no-batchnorm"]))

@@ -48,7 +48,7 @@ Protocol (the paper's, scaled down)
     Here: batch 64, 15 epochs (mnist5k: 10), SMES with betas (0.9, 0.999), eps 1e-8, bias
     correction, L2 weight decay 5e-4 (``decoupled_weight_decay=False``, on every parameter),
     one epoch of linear warm-up then cosine decay to 0, stepped per batch. Wilson's data:
-    full-batch gradient, 2000 steps, no weight decay (as the paper's analysis), p from -0.3 to
+    full-batch gradient, 1000 steps, no weight decay (as the paper's analysis), p from -0.3 to
     0.5 in steps of 0.05.
 
 Learning rate per exponent

@@ -106,7 +106,7 @@ class WilsonLinear(nn.Module):
         self.unique = nn.Parameter(torch.zeros(in_features - 3))
 
     def forward(self, x):
-        return x[:, 0] * self.label[0] + x[:, 1:3] @ self.const + x[:, 3:] @ self.unique
+        return x @ torch.cat([self.label, self.const, self.unique])  # one contiguous mat-vec
 
     def weight_layers(self) -> list[tuple[str, torch.Tensor]]:
         return [("label", self.label), ("const", self.const), ("unique", self.unique)]
