@@ -115,7 +115,7 @@ setup(
     # The Triton kernels live in the top-level folder triton_kernels/ but install as
     # smes_fused.triton_kernels, so they never shadow (or get shadowed by) the unrelated
     # distribution that also uses the import name `triton_kernels`.
-    packages=["smes_fused", "smes_fused.backends", "smes_fused.triton_kernels"],
+    packages=["smes_fused", "smes_fused.backends", "smes_fused.sweep", "smes_fused.triton_kernels"],
     package_dir={"smes_fused.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
