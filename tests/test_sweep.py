@@ -228,3 +228,39 @@ def test_quick_sweep_on_fake_cifar(tmp_path):
     assert sweep.main([*args, "--no-plots"]) == 0
     rows = _read_csv(out / "sweep.csv")
     assert len(rows) == 2 and sum(k.startswith("ratio_") for k in rows[0]) == 8
+
+
+def test_quick_sweep_with_the_spec4_settings(tmp_path, capsys):
+    """--projection, --rectify and an exponent schedule reach every run and the table says so."""
+    args = ["--quick", "--out", str(tmp_path), "--no-progress", "--no-plots", "--projection",
+            "--rectify", "--exponent-schedule", "linear", "--exponent-start", "0.5"]  # fmt: skip
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert "projection=True, rectify=True, exponent schedule: linear from p = 0.5" in out
+    rows = _read_csv(tmp_path / "sweep_projection_rectify_linear-from-0.5.csv")
+    assert sorted(float(r["p"]) for r in rows) == [0.0, 0.5]
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+
+
+def test_spec4_settings_reach_the_optimizer(monkeypatch):
+    """The run's optimizer has projection and rectification on, and the linear schedule has
+    moved its exponent from 0.5 to the row's p by the end of training."""
+    from smes_fused.sweep import training
+
+    made = []
+
+    class Recording(SMES):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(training, "SMES", Recording)
+    data = sweep.subset(sweep.load_digits_dataset(), 64)
+    cfg = training.Config(epochs=1, batch_size=32, projection=True, rectify=True,
+                          exponent_schedule="linear", exponent_start=0.5)  # fmt: skip
+    row, _ = training.train_run(data, -0.08, 0.05, 0, cfg)
+    assert math.isfinite(float(row["train_loss"]))
+    (opt,) = made
+    for g in opt.param_groups:
+        assert g["projection"] and g["rectify"]
+        assert g["exponent"] == pytest.approx(-0.08)

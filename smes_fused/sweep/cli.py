@@ -184,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--backend", default=d.backend, help="SMES backend (default auto)")
     ap.add_argument(
+        "--projection", action="store_true", help="AdamP/SGDP's projection in every run (SPEC §4)"
+    )
+    ap.add_argument(
+        "--rectify", action="store_true", help="RAdam's rectification in every run (SPEC §4)"
+    )
+    ap.add_argument(
+        "--exponent-schedule",
+        choices=("linear", "cosine", "cyclic"),
+        default=None,
+        help="p moves from --exponent-start to each run's p over training (linear, cosine), or "
+        "cycles between them with a period of 1/4 of training (cyclic)",
+    )
+    ap.add_argument(
+        "--exponent-start",
+        type=float,
+        default=d.exponent_start,
+        help="the schedule's starting exponent (default 0.5, Adam)",
+    )
+    ap.add_argument(
         "--jobs",
         type=int,
         default=min(2, os.cpu_count() or 1),
@@ -238,6 +257,10 @@ def resolve(args: argparse.Namespace) -> tuple[Config, int | None, int, str]:
         init=args.init,
         mlp_depth=args.mlp_depth,
         mlp_width=args.mlp_width,
+        projection=args.projection,
+        rectify=args.rectify,
+        exponent_schedule=args.exponent_schedule,
+        exponent_start=args.exponent_start,
         **values,
     )
     jobs = args.jobs
@@ -258,7 +281,30 @@ def resolve(args: argparse.Namespace) -> tuple[Config, int | None, int, str]:
             tag = "sweep"
         if args.paper_constants:
             tag += "_paper"
+        tag += settings_tag(cfg)
     return cfg, train_size, jobs, tag
+
+
+def settings_tag(cfg) -> str:
+    """The SPEC §4 settings in a file name ("" for plain SMES)."""
+    out = "_projection" if cfg.projection else ""
+    out += "_rectify" if cfg.rectify else ""
+    if cfg.exponent_schedule:
+        out += f"_{cfg.exponent_schedule}-from-{cfg.exponent_start:g}"
+    return out
+
+
+def settings_line(cfg) -> str:
+    """What every run of the table used, beyond p and lr."""
+    sched = (
+        f"{cfg.exponent_schedule} from p = {cfg.exponent_start:g} to each row's p"
+        if cfg.exponent_schedule
+        else "none (constant p)"
+    )
+    return (
+        f"SMES settings: projection={cfg.projection}, rectify={cfg.rectify}, "
+        f"exponent schedule: {sched}"
+    )
 
 
 def replot(stem: str) -> int:
@@ -334,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(stem + "_paired.csv", paired_rows(rows))
     if not args.no_plots:
         plot_all(rows, stem)
+    print(settings_line(cfg))
     print(summary_table(rows, runs))
     print()
     print(paired_table(rows))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..optimizer import SMES, lr_for_exponent
+from ..schedules import CosineExponent, CyclicExponent, LinearExponent
 from .data import Dataset
 from .model import build_model
 from .tracker import UpdateRatioTracker
@@ -43,6 +44,13 @@ class Config:
     mlp_width: int = 256
     init: str | None = None  # "torch" or "he"; None: torch's with BatchNorm, He's without
     log_every: int = 1  # epochs between the per-epoch rows (and their validation pass)
+    # SPEC §4 settings of every run: AdamP/SGDP's projection, RAdam's rectification, and an
+    # exponent schedule from exponent_start to the run's p over training ("linear", "cosine"),
+    # or between them with a period of 1/4 of training ("cyclic").
+    projection: bool = False
+    rectify: bool = False
+    exponent_schedule: str | None = None
+    exponent_start: float = 0.5
 
     def grid_centre(self, p: float) -> float:
         """The centre of p's lr grid: ``lr`` if set, else :func:`centre_lr`."""
@@ -105,8 +113,11 @@ def train_run(data: Dataset, p: float, lr: float, seed: int, cfg: Config):
         betas=cfg.betas,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        exponent=p,
+        exponent=cfg.exponent_start if cfg.exponent_schedule else p,
         decoupled_weight_decay=False,
+        projection=cfg.projection,
+        rectify=cfg.rectify,
+        track_second_moment=True if cfg.exponent_schedule else None,
         backend=cfg.backend,
     )
     n = len(data.y_train)
@@ -117,6 +128,15 @@ def train_run(data: Dataset, p: float, lr: float, seed: int, cfg: Config):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.schedule)
     )
+    p_sched = None
+    if cfg.exponent_schedule == "linear":
+        p_sched = LinearExponent(opt, cfg.exponent_start, p, total_steps=total)
+    elif cfg.exponent_schedule == "cosine":
+        p_sched = CosineExponent(opt, cfg.exponent_start, p, total_steps=total)
+    elif cfg.exponent_schedule == "cyclic":
+        p_sched = CyclicExponent(opt, cfg.exponent_start, p, period=max(2, total // 4))
+    elif cfg.exponent_schedule is not None:
+        raise ValueError(f"unknown exponent_schedule {cfg.exponent_schedule!r}")
     tracker = UpdateRatioTracker(list(weights))
     evaluate_ = functools.partial(evaluate, loss=data.loss)
     epochs, diverged = [], False
@@ -146,6 +166,8 @@ def train_run(data: Dataset, p: float, lr: float, seed: int, cfg: Config):
             opt.step()
             tracker.after_step()
             sched.step()
+            if p_sched is not None:
+                p_sched.step()
             run_loss += loss.item() * len(yb)
             run_correct += correct
             run_n += len(yb)
