@@ -124,6 +124,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "40 B per float32 parameter instead of 28); fused AdamW stays the reference",
     )
     p.add_argument(
+        "--clip",
+        type=float,
+        metavar="MAX_NORM",
+        help="clipped steps: every AdamW after clip_grad_norm_(MAX_NORM, foreach=True) (40 B "
+        "per float32 parameter), SMES with max_grad_norm=MAX_NORM (32 B)",
+    )
+    p.add_argument(
         "--out",
         default=os.path.join("runs", "bench"),
         help="directory for the CSV and PNG (default: runs/bench/, git-ignored; the committed "
@@ -150,6 +157,7 @@ def config_from(args: argparse.Namespace, device: torch.device, backends: tuple)
         compile=args.compile,
         dtype=getattr(torch, args.dtype),
         projection=args.projection,
+        clip=args.clip,
     )
 
 
@@ -178,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"warning: load average {env['load_avg_start']} on {os.cpu_count()} CPUs before the "
             "run: other processes compete for the cores and the timings will be noisy"
+        )
+    if config.clip is not None:
+        print(
+            f"clipped steps, max norm {config.clip:g}: AdamW after clip_grad_norm_(foreach=True) "
+            "(40 B/param), SMES with max_grad_norm (32 B/param)"
         )
     if config.projection:
         print("SMES with projection=True (AdamP/SGDP): 40 B per float32 parameter (28 at p = 0)")

@@ -61,22 +61,28 @@ def specs(
     dtype: torch.dtype = torch.float32,
     projection: bool = False,
     projected: float = 0.0,
+    clip: float | None = None,
 ) -> list[Spec]:
     """The competitors of one cell. Fused AdamW, the reference of every ratio, is in all of
     them; AdamW's foreach and for-loop implementations only where ``unfused_adamw``.
     ``projection``: SMES with projection=True, ``projected`` the fraction of parameters in
-    tensors of dim > 1 (the ones it projects)."""
-    adamw_bytes = bytes_per_param(0.5, dtype)
-    out = [Spec(REFERENCE, adamw_bytes, _adamw(fused=True))]
+    tensors of dim > 1 (the ones it projects). ``clip``: every AdamW runs after
+    ``clip_grad_norm_(foreach=True)`` (+12 B/param: the norm's read, the scaling's read and
+    write) and SMES with ``max_grad_norm=clip`` (+4 B/param: the norm's read; the coefficient is
+    applied in the step's own read of g)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    adamw_bytes = bytes_per_param(0.5, dtype) + (3 * size if clip is not None else 0)
+    smes_extra = size if clip is not None else 0
+    out = [Spec(REFERENCE, adamw_bytes, _adamw(clip, fused=True))]
     if unfused_adamw:
-        out.append(Spec("AdamW foreach", adamw_bytes, _adamw(foreach=True)))
-        out.append(Spec("AdamW for-loop", adamw_bytes, _adamw(foreach=False)))
+        out.append(Spec("AdamW foreach", adamw_bytes, _adamw(clip, foreach=True)))
+        out.append(Spec("AdamW for-loop", adamw_bytes, _adamw(clip, foreach=False)))
     if compile:
         out.append(Spec("AdamW compiled", adamw_bytes, _compiled_adamw))
     state_dtype = None if dtype == torch.float32 else "param"
     for b in backends:
-        nbytes = bytes_per_param(exponent, dtype, projected if projection else 0.0)
-        out.append(Spec(f"SMES {b}", nbytes, _smes(b, exponent, state_dtype, projection)))
+        nbytes = bytes_per_param(exponent, dtype, projected if projection else 0.0) + smes_extra
+        out.append(Spec(f"SMES {b}", nbytes, _smes(b, exponent, state_dtype, projection, clip)))
     name, nbytes, build = roofline(device, dtype)
     out.append(Spec(name, nbytes, lambda params: _buffers(*build(params))))
     return out
@@ -122,8 +128,22 @@ def _buffers(step: Step, buffers: dict[tuple[int, str], Tensor]) -> tuple[Step, 
     return step, lambda: buffers
 
 
-def _adamw(**kwargs) -> Callable[[list[Tensor]], tuple[Step, StateFn]]:
-    return lambda params: _optimizer(torch.optim.AdamW(params, **kwargs))
+def _adamw(clip: float | None = None, **kwargs) -> Callable[[list[Tensor]], tuple[Step, StateFn]]:
+    """AdamW; with ``clip``, ``clip_grad_norm_(foreach=True)`` before each step (the usual
+    clipped step: the norm's read of g, then a read and write of g to scale it)."""
+
+    def build(params: list[Tensor]) -> tuple[Step, StateFn]:
+        opt = torch.optim.AdamW(params, **kwargs)
+        if clip is None:
+            return _optimizer(opt)
+
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            opt.step()
+
+        return _optimizer(opt, step)
+
+    return build
 
 
 def _compiled_adamw(params: list[Tensor]) -> tuple[Step, StateFn]:
@@ -139,13 +159,17 @@ def _compiled_adamw(params: list[Tensor]) -> tuple[Step, StateFn]:
 
 
 def _smes(
-    backend: str, exponent: float, state_dtype: str | None = None, projection: bool = False
+    backend: str,
+    exponent: float,
+    state_dtype: str | None = None,
+    projection: bool = False,
+    clip: float | None = None,
 ) -> Callable[[list[Tensor]], tuple[Step, StateFn]]:
     def build(params: list[Tensor]) -> tuple[Step, StateFn]:
         from smes_fused import SMES
 
         opt = SMES(params, exponent=exponent, backend=backend, state_dtype=state_dtype,
-                   projection=projection)  # fmt: skip
+                   projection=projection, max_grad_norm=clip)  # fmt: skip
         return _optimizer(opt)
 
     return build

@@ -28,6 +28,7 @@ RESULT_COLUMNS = (
     "shape_set",
     "param_dtype",
     "projection",
+    "clip",
     "set_source",
     "n_params",
     "n_tensors",

@@ -30,6 +30,7 @@ class Config:
     compile: bool = False
     dtype: torch.dtype = torch.float32  # params and grads (16-bit: 16-bit state everywhere)
     projection: bool = False  # SMES with projection=True (AdamP/SGDP, SPEC §4)
+    clip: float | None = None  # clipped steps: clip_grad_norm_ + AdamW vs SMES(max_grad_norm)
 
     @property
     def rounds(self) -> int:
@@ -73,6 +74,7 @@ def run(
                 dtype=config.dtype,
                 projection=config.projection,
                 projected=projected,
+                clip=config.clip,
             )
             ready = []
             for spec in cell:
@@ -198,6 +200,7 @@ def _rows(
                 "shape_set": shape_set.name,
                 "param_dtype": str(config.dtype).replace("torch.", ""),
                 "projection": config.projection,
+                "clip": "" if config.clip is None else config.clip,
                 "set_source": shape_set.source,
                 "n_params": n,
                 "n_tensors": shape_set.n_tensors,

@@ -6,8 +6,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cuda_runtime_api.h>
-
 #include <unordered_map>
 #include <vector>
 
@@ -179,12 +177,8 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   for (int64_t i = 0; i < n; ++i) t_steps[i] = steps[i].data_ptr<float>();
   const int serr = advance_steps(t_steps.data(), (int)n, fi, stream);
   TORCH_CHECK(serr == 0, "smes_fused (cuda): step-count launch failed with CUDA error ", serr);
-  if (pbuf.stats != nullptr) {  // the row sums start at zero (stream-ordered, capturable)
-    const cudaError_t merr = cudaMemsetAsync(pbuf.stats, 0, sizeof(float) * 4 * total_rows,
-                                             static_cast<cudaStream_t>(stream));
-    TORCH_CHECK(merr == cudaSuccess, "smes_fused (cuda): memset failed with CUDA error ",
-                (int)merr);
-  }
+  if (pbuf.stats != nullptr)  // the row sums start at zero (a fill on the current stream)
+    proj_scratch(dev, 0).narrow(0, 0, 4 * total_rows).zero_();
   // One launch (or a few, for very large buckets) per variant present, usually one in all.
   std::vector<TensorArgs>& group = t_group;
   std::vector<char>& done = t_done;

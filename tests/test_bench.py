@@ -153,3 +153,19 @@ def test_projection_run_counts_two_passes_for_matrices(tmp_path):
         rows = [r for r in csv.DictReader(f) if r["competitor"] == "SMES cpu"]
     assert rows and all(r["projection"] == "True" for r in rows)
     assert all(36 < float(r["bytes_per_param"]) <= 40 for r in rows)  # mostly matrices
+
+
+def test_clip_run_compares_clipped_steps(tmp_path):
+    """``--clip``: AdamW after clip_grad_norm_ (40 B per float32 parameter) against SMES with
+    max_grad_norm (32 B: the norm's read, the coefficient applied in the step's read of g)."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--clip", "1.0",
+           "--backends", "cpu", "--exponents", "0.5", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "bench_cpu_quick.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    fused = [r for r in rows if r["competitor"] == REFERENCE]
+    smes = [r for r in rows if r["competitor"] == "SMES cpu"]
+    assert fused and smes and all(float(r["clip"]) == 1.0 for r in fused + smes)
+    assert {float(r["bytes_per_param"]) for r in fused} == {40.0}
+    assert {float(r["bytes_per_param"]) for r in smes} == {32.0}
