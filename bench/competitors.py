@@ -35,19 +35,25 @@ class Spec:
 
 
 def bytes_per_param(
-    exponent: float, dtype: torch.dtype = torch.float32, projected: float = 0.0
+    exponent: float,
+    dtype: torch.dtype = torch.float32,
+    projected: float = 0.0,
+    state_dtype: torch.dtype | None = None,
 ) -> float:
-    """SMES: read θ, g, m, v and write θ, m, v (7 tensors); at p = 0 v is untouched (5). 16-bit
-    params run with 16-bit state (``state_dtype="param"``, as fused AdamW keeps its state).
+    """SMES: read θ, g, m, v and write θ, m, v (7 tensors); at p = 0 v is untouched (5). State
+    has the params' dtype unless ``state_dtype`` says otherwise (bf16 params with float32 state:
+    3·2 + 4·4 = 22 B; with bf16 state 14 B; float32 28 B).
 
     With the projection (SPEC §4) a tensor of dim > 1 takes two passes: the moments and row sums
-    (read θ, g, m, v; write m, v) then the projected update (read θ, m, v; write θ): 10 tensors,
-    40 B per float32 parameter (7, 28 B, at p = 0). ``projected`` is the fraction of the
-    parameters in such tensors; the result is the mean over all of them."""
-    size = torch.empty((), dtype=dtype).element_size()
-    plain = 5 if exponent == 0 else 7
-    two_pass = 7 if exponent == 0 else 10
-    b = ((1 - projected) * plain + projected * two_pass) * size
+    (read θ, g, m, v; write m, v) then the projected update (read θ, m, v; write θ): 40 B per
+    float32 parameter (28 B at p = 0). ``projected`` is the fraction of the parameters in such
+    tensors; the result is the mean over all of them."""
+    ps = torch.empty((), dtype=dtype).element_size()
+    ss = torch.empty((), dtype=state_dtype or dtype).element_size()
+    moments = 1 if exponent == 0 else 2  # m, or m and v
+    plain = 3 * ps + 2 * moments * ss
+    two_pass = 4 * ps + (3 if exponent == 0 else 6) * ss
+    b = (1 - projected) * plain + projected * two_pass
     return int(b) if b == int(b) else round(b, 1)
 
 
@@ -62,6 +68,7 @@ def specs(
     projection: bool = False,
     projected: float = 0.0,
     clip: float | None = None,
+    smes_state: torch.dtype | None = None,
 ) -> list[Spec]:
     """The competitors of one cell. Fused AdamW, the reference of every ratio, is in all of
     them; AdamW's foreach and for-loop implementations only where ``unfused_adamw``.
@@ -69,7 +76,8 @@ def specs(
     tensors of dim > 1 (the ones it projects). ``clip``: every AdamW runs after
     ``clip_grad_norm_(foreach=True)`` (+12 B/param: the norm's read, the scaling's read and
     write) and SMES with ``max_grad_norm=clip`` (+4 B/param: the norm's read; the coefficient is
-    applied in the step's own read of g)."""
+    applied in the step's own read of g). ``smes_state``: SMES's state dtype (None: the params'
+    dtype, as fused AdamW keeps its state)."""
     size = torch.empty((), dtype=dtype).element_size()
     adamw_bytes = bytes_per_param(0.5, dtype) + (3 * size if clip is not None else 0)
     smes_extra = size if clip is not None else 0
@@ -79,9 +87,12 @@ def specs(
         out.append(Spec("AdamW for-loop", adamw_bytes, _adamw(clip, foreach=False)))
     if compile:
         out.append(Spec("AdamW compiled", adamw_bytes, _compiled_adamw))
-    state_dtype = None if dtype == torch.float32 else "param"
+    state_dtype = smes_state if smes_state is not None else (
+        None if dtype == torch.float32 else "param"
+    )
     for b in backends:
-        nbytes = bytes_per_param(exponent, dtype, projected if projection else 0.0) + smes_extra
+        nbytes = bytes_per_param(exponent, dtype, projected if projection else 0.0, smes_state)
+        nbytes += smes_extra
         out.append(Spec(f"SMES {b}", nbytes, _smes(b, exponent, state_dtype, projection, clip)))
     name, nbytes, build = roofline(device, dtype)
     out.append(Spec(name, nbytes, lambda params: _buffers(*build(params))))

@@ -29,6 +29,7 @@ RESULT_COLUMNS = (
     "param_dtype",
     "projection",
     "clip",
+    "smes_state_dtype",
     "set_source",
     "n_params",
     "n_tensors",

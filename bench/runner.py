@@ -31,6 +31,7 @@ class Config:
     dtype: torch.dtype = torch.float32  # params and grads (16-bit: 16-bit state everywhere)
     projection: bool = False  # SMES with projection=True (AdamP/SGDP, SPEC §4)
     clip: float | None = None  # clipped steps: clip_grad_norm_ + AdamW vs SMES(max_grad_norm)
+    smes_state: torch.dtype | None = None  # SMES's state dtype (None: the params')
 
     @property
     def rounds(self) -> int:
@@ -75,6 +76,7 @@ def run(
                 projection=config.projection,
                 projected=projected,
                 clip=config.clip,
+                smes_state=config.smes_state,
             )
             ready = []
             for spec in cell:
@@ -201,6 +203,7 @@ def _rows(
                 "param_dtype": str(config.dtype).replace("torch.", ""),
                 "projection": config.projection,
                 "clip": "" if config.clip is None else config.clip,
+                "smes_state_dtype": str(config.smes_state or config.dtype).replace("torch.", ""),
                 "set_source": shape_set.source,
                 "n_params": n,
                 "n_tensors": shape_set.n_tensors,

@@ -149,7 +149,7 @@ def test_projection_run_counts_two_passes_for_matrices(tmp_path):
            "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    with open(tmp_path / "bench_cpu.csv", newline="") as f:
+    with open(tmp_path / "bench_cpu_projection.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["competitor"] == "SMES cpu"]
     assert rows and all(r["projection"] == "True" for r in rows)
     assert all(36 < float(r["bytes_per_param"]) <= 40 for r in rows)  # mostly matrices
@@ -162,10 +162,27 @@ def test_clip_run_compares_clipped_steps(tmp_path):
            "--backends", "cpu", "--exponents", "0.5", "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    with open(tmp_path / "bench_cpu_quick.csv", newline="") as f:
+    with open(tmp_path / "bench_cpu_quick_clip.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     fused = [r for r in rows if r["competitor"] == REFERENCE]
     smes = [r for r in rows if r["competitor"] == "SMES cpu"]
     assert fused and smes and all(float(r["clip"]) == 1.0 for r in fused + smes)
     assert {float(r["bytes_per_param"]) for r in fused} == {40.0}
     assert {float(r["bytes_per_param"]) for r in smes} == {32.0}
+
+
+def test_bf16_params_with_float32_state(tmp_path):
+    """``--dtype bfloat16 --state-dtype float32``: SMES keeps float32 state for bf16 params
+    (22 B per parameter), fused AdamW its bf16 state (14 B)."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--dtype", "bfloat16",
+           "--state-dtype", "float32", "--backends", "cpu", "--exponents", "-0.08",
+           "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "bench_cpu_quick_bfloat16_f32state.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    smes = [r for r in rows if r["competitor"] == "SMES cpu"]
+    fused = [r for r in rows if r["competitor"] == REFERENCE]
+    assert smes and {r["smes_state_dtype"] for r in smes} == {"float32"}
+    assert {float(r["bytes_per_param"]) for r in smes} == {22.0}
+    assert {float(r["bytes_per_param"]) for r in fused} == {14.0}
