@@ -30,7 +30,7 @@ def _call(n: int, exponent: float):
     m, v = torch.zeros(n), torch.rand(n, generator=gen) * 1e-4
     steps = [torch.zeros(())]
     hyper = torch.tensor(
-        [[1e-3, 0.9, 0.999, 1e-8, exponent, 1e-2, FLAGS, 0.1, 0.1]], dtype=torch.float64
+        [[1e-3, 0.9, 0.999, 1e-8, exponent, 1e-2, FLAGS, 0.1, 0.1, 0.0]], dtype=torch.float64
     )  # columns: smes_fused._ops.HYPER_COLUMNS
     return lambda: torch.ops.smes_fused.smes_step_(
         [p], [g], [m], [v], [], steps, hyper, [], None, None

@@ -23,6 +23,9 @@ struct TensorJob {
   int64_t row_len;
   double* stats;     // 4 per row
   const float* k;    // 1 per row
+  // Stochastic rounding of theta (bf16 params, kFlagSR): on, and this step's key.
+  bool sr;
+  uint32_t sr_key;
 };
 
 // Applies elements [begin, end) of the concatenation of all jobs; starts[i] is the offset of job i

@@ -407,6 +407,45 @@ SMES_CPU_INLINE void store_n(T* p, V x, int n) {
   __builtin_memcpy(p, buf, n * sizeof(T));
 }
 
+// theta to storage. bf16 params with stochastic rounding (j.sr; smes_math.h, sr_noise): the
+// float32 bits plus 16 random bits, truncated (non-finite lanes round to nearest as store()).
+SMES_CPU_INLINE VU mix32v(VU x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+template <class P>
+SMES_CPU_INLINE void store_theta(P* p, V x, const TensorJob&, int64_t) {
+  store(p, x);
+}
+SMES_CPU_INLINE void store_theta(bf16* p, V x, const TensorJob& j, int64_t index) {
+  if (!j.sr) {
+    store(p, x);
+    return;
+  }
+  VU lo, hi;
+  for (int k = 0; k < W; ++k) {
+    const uint64_t e = (uint64_t)index + (uint64_t)k;
+    lo[k] = (uint32_t)e;
+    hi[k] = (uint32_t)(e >> 32);
+  }
+  const VU r = mix32v((VU{} + j.sr_key) ^ lo ^ mix32v(hi)) & 0xFFFFu;
+  const VU u = (VU)x;
+  VU rn = u + 0x7fffu + ((u >> 16) & 1u);
+  rn = (x != x) ? (VU{} + 0x7fc00000u) : rn;
+  const VU res = ((u & 0x7f800000u) == 0x7f800000u) ? (rn >> 16) : ((u + r) >> 16);
+  VH h = __builtin_convertvector(res, VH);
+  __builtin_memcpy(p, &h, sizeof h);
+}
+template <class P>
+SMES_CPU_INLINE void store_theta_n(P* p, V x, int n, const TensorJob& j, int64_t index) {
+  P buf[W];
+  store_theta(buf, x, j, index);
+  __builtin_memcpy(p, buf, n * sizeof(P));
+}
+
 // Blocks of kBlock vectors as one GCC vector (segment, AVX2 at general p).
 template <class VB, class T>
 SMES_CPU_INLINE VB load_block(const T* p) {
@@ -468,7 +507,13 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
         vb = load_block<VB>(vp + i);
         if (AMS) xb = load_block<VB>(xp + i);
         smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, vb, xb, s);
-        store_block(pp + i, th);
+        if (j.sr) {
+          V x[kBlock];
+          __builtin_memcpy(x, &th, sizeof th);
+          for (int b = 0; b < kBlock; ++b) store_theta(pp + i + b * W, x[b], j, lo + i + b * W);
+        } else {
+          store_block(pp + i, th);
+        }
         store_block(mp + i, m);
         store_block(vp + i, vb);
         if (AMS) store_block(xp + i, xb);
@@ -492,8 +537,8 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
       if (AMS) x = load(xp + i), x1 = load(xp + i + W);
       smes_update<PC, TV, AMS, L2, VecMath>(th0, g0, m0, v, x, s);
       smes_update<PC, TV, AMS, L2, VecMath>(th1, g1, m1, v1, x1, s);
-      store(pp + i, th0);
-      store(pp + i + W, th1);
+      store_theta(pp + i, th0, j, lo + i);
+      store_theta(pp + i + W, th1, j, lo + i + W);
       store(mp + i, m0);
       store(mp + i + W, m1);
       if (TV) store(vp + i, v), store(vp + i + W, v1);
@@ -511,7 +556,7 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
       if (TV) v = load(vp + i);
       if (AMS) x = load(xp + i);
       smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, v, x, s);
-      store(pp + i, th);
+      store_theta(pp + i, th, j, lo + i);
       store(mp + i, m);
       if (TV) store(vp + i, v);
       if (AMS) store(xp + i, x);
@@ -522,7 +567,7 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
       if (TV) v = load_n(vp + i, r);
       if (AMS) x = load_n(xp + i, r);
       smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, v, x, s);
-      store_n(pp + i, th, r);
+      store_theta_n(pp + i, th, r, j, lo + i);
       store_n(mp + i, m, r);
       if (TV) store_n(vp + i, v, r);
       if (AMS) store_n(xp + i, x, r);
@@ -635,12 +680,12 @@ void proj_apply_segment(const TensorJob& j, int64_t lo, int64_t hi) {
       int64_t i = 0;
       for (; i + W <= n; i += W) {
         V m = load(mp + i);
-        store(pp + i, one(load(pp + i), m, TV ? load(vp + i) : m));
+        store_theta(pp + i, one(load(pp + i), m, TV ? load(vp + i) : m), j, a + i);
       }
       if (i < n) {
         const int c = (int)(n - i);
         V m = load_n(mp + i, c);
-        store_n(pp + i, one(load_n(pp + i, c), m, TV ? load_n(vp + i, c) : m), c);
+        store_theta_n(pp + i, one(load_n(pp + i, c), m, TV ? load_n(vp + i, c) : m), c, j, a + i);
       }
       a = b;
     }

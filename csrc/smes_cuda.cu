@@ -87,6 +87,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 
+// theta to storage: stochastically rounded for bf16 params when `key_on` (see smes_math.h).
+template <class T>
+__device__ __forceinline__ T theta_to(float x, bool key_on, uint32_t key, int64_t index) {
+  return from_f<T>(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 theta_to<__nv_bfloat16>(float x, bool key_on,
+                                                                uint32_t key, int64_t index) {
+  if (!key_on || !isfinite(x)) return __float2bfloat16_rn(x);
+  const uint32_t bits = __float_as_uint(x) + sr_noise(key, static_cast<uint64_t>(index));
+  return __ushort_as_bfloat16(static_cast<unsigned short>(bits >> 16));
+}
+
 // kVec elements as one aligned access (16 B for float32, 8 B for 16-bit types).
 template <class T>
 struct alignas(sizeof(T) * kVec) Pack {
@@ -159,6 +172,8 @@ __device__ __forceinline__ void apply_chunk(const TensorArgs& ta, int64_t base, 
   S* __restrict__ vp = TV ? static_cast<S*>(ta.v) + base : nullptr;
   S* __restrict__ xp = AMS ? static_cast<S*>(ta.vmax) + base : nullptr;
 
+  const bool sr = (ta.flags & kFlagSR) != 0;
+  const uint32_t key = sr ? sr_key(ta.rounding_seed, static_cast<uint32_t>(*ta.step), ta.index) : 0u;
   if constexpr (PHASE != 0) {
     // Row length and row of an element without 64-bit integer division (a subroutine that
     // spills): a float64 quotient, corrected to the exact floor.
@@ -192,13 +207,13 @@ __device__ __forceinline__ void apply_chunk(const TensorArgs& ta, int64_t base, 
         const float vv = TV ? (AMS ? x : v) : m;
         const float k = ta.rows > 0 ? buf.k[ta.row0 + r] : 0.f;
         const float u = smes_direction<PC, DevMath>(m, vv, s) - k * th;
-        pp[i] = from_f<P>(th * decay - s.step_size * u);
+        pp[i] = theta_to<P>(th * decay - s.step_size * u, sr, key, base + i);
       }
     }
     return;
   }
 
-  const bool vec = (n % kVec == 0) && aligned<P>(pp) && aligned<P>(gp) && aligned<S>(mp) &&
+  const bool vec = !sr && (n % kVec == 0) && aligned<P>(pp) && aligned<P>(gp) && aligned<S>(mp) &&
                    (!TV || aligned<S>(vp)) && (!AMS || aligned<S>(xp));
   if (vec) {
     for (int i = threadIdx.x * kVec; i < n; i += kThreads * kVec) {
@@ -221,7 +236,7 @@ __device__ __forceinline__ void apply_chunk(const TensorArgs& ta, int64_t base, 
       if (TV) v = to_f(vp[i]);
       if (AMS) x = to_f(xp[i]);
       smes_update<PC, TV, AMS, L2, DevMath>(th, g, m, v, x, s);
-      pp[i] = from_f<P>(th);
+      pp[i] = theta_to<P>(th, sr, key, base + i);
       mp[i] = from_f<S>(m);
       if (TV) vp[i] = from_f<S>(v);
       if (AMS) xp[i] = from_f<S>(x);

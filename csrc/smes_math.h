@@ -17,6 +17,8 @@
 #define SMES_HD static inline __attribute__((always_inline))
 #endif
 
+#include <cstdint>
+
 #if !defined(__CUDACC__)
 #include <cmath>
 using std::fabs;
@@ -47,6 +49,23 @@ constexpr int kFlagTrackV = 16;
 constexpr int kFlagRectify = 32;     // RAdam's rectification (SPEC §4)
 constexpr int kFlagSumV = 64;        // AdaGrad: v <- v + g^2, no bc2 (second_moment="sum")
 constexpr int kFlagProjection = 128; // AdamP/SGDP's projection (tensors of dim > 1)
+constexpr int kFlagSR = 256;         // stochastic rounding of theta (bf16 params)
+
+// Stochastic rounding to bfloat16 (smes_fused/_rounding.py has the definition): a counter-based
+// hash gives 16 random bits per element, added to the float32 bits before truncation.
+SMES_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+SMES_HD uint32_t sr_key(uint32_t seed, uint32_t step, uint32_t tensor) {
+  return mix32(seed ^ mix32(step * 0x9E3779B9u + tensor));
+}
+SMES_HD uint32_t sr_noise(uint32_t key, uint64_t index) {
+  return mix32(key ^ (uint32_t)index ^ mix32((uint32_t)(index >> 32))) & 0xFFFFu;
+}
 
 // The per-tensor scalars of one step, hoisted out of the element loop (float32).
 struct Scalars {

@@ -23,6 +23,7 @@ enum HyperCol {
   kFlags,
   kProjDelta,    // projection_delta (SPEC §4)
   kProjWdRatio,  // projection_wd_ratio
+  kRoundingSeed, // rounding_seed (stochastic rounding, kFlagSR)
   kHyperCols
 };
 

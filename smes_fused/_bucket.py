@@ -40,6 +40,7 @@ class Variant(NamedTuple):
     amsgrad: bool  # v_max tracked and used (only when track_v)
     maximize: bool
     projection: bool  # AdamP/SGDP: a row-statistics pass before the update (SPEC §4)
+    stochastic_rounding: bool = False  # bf16 params: θ stochastically rounded (SPEC §4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Hyper:
     projection_wd_ratio: float = 0.1
     rectify: bool = False
     second_moment_sum: bool = False  # AdaGrad: v ← v + g², no bc2
+    stochastic_rounding: bool = False  # bf16 params: unbiased rounding of the new θ
+    rounding_seed: int = 0
 
     @property
     def variant(self) -> Variant:
@@ -73,6 +76,7 @@ class Hyper:
             self.amsgrad and self.track_v,
             self.maximize,
             self.projection,
+            self.stochastic_rounding,
         )
 
 

@@ -16,7 +16,7 @@ Python objects rather than through the dispatcher's per-entry argument conversio
 list entry); they fall back to the op for anything the dispatcher must see (tensor subclasses,
 dispatch modes, CUDA tensors) and while torch.compile traces.
 
-``hypers`` is a contiguous float64 CPU tensor of shape ``[n, 9]``; its columns are
+``hypers`` is a contiguous float64 CPU tensor of shape ``[n, 10]``; its columns are
 :data:`HYPER_COLUMNS`, the last one the bit flags ``FLAG_*``.
 """
 
@@ -28,7 +28,7 @@ from torch import Tensor
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "exponent", "weight_decay", "flags",
-                 "projection_delta", "projection_wd_ratio")  # fmt: skip
+                 "projection_delta", "projection_wd_ratio", "rounding_seed")  # fmt: skip
 FLAG_BIAS_CORRECTION = 1
 FLAG_DECOUPLED = 2
 FLAG_AMSGRAD = 4
@@ -37,6 +37,7 @@ FLAG_TRACK_V = 16
 FLAG_RECTIFY = 32
 FLAG_SUM_V = 64
 FLAG_PROJECTION = 128
+FLAG_SR = 256
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.smes_fused.*)

@@ -59,6 +59,8 @@ def check_hyper(
     projection_wd_ratio=0.1,
     rectify=False,
     second_moment="ema",
+    stochastic_rounding=False,
+    rounding_seed=0,
 ) -> None:
     """Raise ValueError/TypeError naming the parameter, its value and the accepted range."""
     if isinstance(lr, Tensor):
@@ -105,7 +107,11 @@ def check_hyper(
             f"Invalid exponent: {p} for a group created with exponent=0, which keeps no "
             "exp_avg_sq; create the group with track_second_moment=True to change its exponent"
         )
-    for name, flag in (("projection", projection), ("rectify", rectify)):
+    for name, flag in (
+        ("projection", projection),
+        ("rectify", rectify),
+        ("stochastic_rounding", stochastic_rounding),
+    ):
         if not isinstance(flag, bool):
             raise TypeError(f"Invalid {name}: {flag!r}; expected True or False")
     delta = _real("projection_delta", projection_delta)
@@ -114,6 +120,14 @@ def check_hyper(
     ratio = _real("projection_wd_ratio", projection_wd_ratio)
     if ratio < 0:
         raise ValueError(f"Invalid projection_wd_ratio: {ratio}; expected projection_wd_ratio >= 0")
+    if (
+        isinstance(rounding_seed, bool)
+        or not isinstance(rounding_seed, int)
+        or not 0 <= rounding_seed < 2**32
+    ):
+        raise ValueError(
+            f"Invalid rounding_seed: {rounding_seed!r}; expected an integer in [0, 2**32)"
+        )
     if second_moment not in ("ema", "sum"):
         raise ValueError(
             f"Invalid second_moment: {second_moment!r}; expected 'ema' (Adam's moving average) "
@@ -195,6 +209,8 @@ def make_hyper(
     projection_wd_ratio=0.1,
     rectify=False,
     second_moment="ema",
+    stochastic_rounding=False,
+    rounding_seed=0,
 ) -> Hyper:
     """Validated hyperparameters (see :func:`check_hyper`) as the backends read them."""
     check_hyper(
@@ -209,6 +225,8 @@ def make_hyper(
         projection_wd_ratio=projection_wd_ratio,
         rectify=rectify,
         second_moment=second_moment,
+        stochastic_rounding=stochastic_rounding,
+        rounding_seed=rounding_seed,
     )
     return Hyper(
         # A tensor lr of any shape with one element ([], [1], [1, 1]) is read through a 0-d view,
@@ -232,6 +250,8 @@ def make_hyper(
         projection_wd_ratio=float(projection_wd_ratio),
         rectify=rectify,
         second_moment_sum=second_moment == "sum",
+        stochastic_rounding=stochastic_rounding,
+        rounding_seed=int(rounding_seed),
     )
 
 
@@ -289,6 +309,8 @@ def smes(
     projection_wd_ratio: float = 0.1,
     rectify: bool = False,
     second_moment: str = "ema",
+    stochastic_rounding: bool = False,
+    rounding_seed: int = 0,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     backend: str = "auto",
@@ -327,6 +349,8 @@ def smes(
         projection_wd_ratio=projection_wd_ratio,
         rectify=rectify,
         second_moment=second_moment,
+        stochastic_rounding=stochastic_rounding,
+        rounding_seed=rounding_seed,
     )
     grad_scale = scalar_tensor("grad_scale", grad_scale)
     found_inf = scalar_tensor("found_inf", found_inf)

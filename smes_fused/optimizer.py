@@ -51,6 +51,8 @@ _EXTENSION_DEFAULTS = dict(
     projection_wd_ratio=0.1,
     rectify=False,
     second_moment="ema",
+    stochastic_rounding=False,
+    rounding_seed=0,
 )
 
 
@@ -101,6 +103,10 @@ class SMES(Optimizer):
             step (D = 1 + ε), then the adaptive step times r_t. Default False.
         second_moment: ``"ema"`` (default, Adam's moving average) or ``"sum"`` (AdaGrad:
             v ← v + g², no second bias correction).
+        stochastic_rounding: bf16 params only: round the new θ to bfloat16 stochastically
+            (unbiased), reproducible from ``rounding_seed`` and the step, instead of to nearest.
+            Keeps small updates (p < 0: about lr·|g|) from vanishing below bf16 resolution.
+        rounding_seed: the seed of the rounding (an integer in [0, 2**32)). Default 0.
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq``. Default (None): float32 for 16-bit
             params, the param's dtype otherwise; ``"param"``: always the param's dtype.
         capturable: keep ``step`` on the param's device and compute bias corrections there, so
@@ -135,6 +141,8 @@ class SMES(Optimizer):
         projection_wd_ratio: float = 0.1,
         rectify: bool = False,
         second_moment: str = "ema",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         state_dtype: torch.dtype | str | None = None,
         capturable: bool = False,
         backend: str = "auto",
@@ -165,6 +173,8 @@ class SMES(Optimizer):
             projection_wd_ratio=projection_wd_ratio,
             rectify=rectify,
             second_moment=second_moment,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
             state_dtype=state_dtype,
             capturable=capturable,
             # torch.optim.Adam(W)'s keys, so an SMES state_dict loads into AdamW unchanged.
@@ -558,6 +568,8 @@ def _group_hyper(group: dict):
         projection_wd_ratio=group["projection_wd_ratio"],
         rectify=group["rectify"],
         second_moment=group["second_moment"],
+        stochastic_rounding=group["stochastic_rounding"],
+        rounding_seed=group["rounding_seed"],
     )
 
 

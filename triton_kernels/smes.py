@@ -51,6 +51,7 @@ _LR_CODE = {
 _LR_SHIFT = int(_kernels.LR_SHIFT)
 _FLAG_RECTIFY = int(_kernels.FLAG_RECTIFY)
 _FLAG_SUM_V = int(_kernels.FLAG_SUM_V)
+_FLAG_SR = int(_kernels.FLAG_SR)
 
 CACHE = TableCache()
 
@@ -73,6 +74,8 @@ class GroupHyper(NamedTuple):
     second_moment_sum: bool = False
     projection_delta: float = 0.1
     projection_wd_ratio: float = 0.1
+    stochastic_rounding: bool = False
+    rounding_seed: int = 0
 
 
 def launch_config(device: torch.device) -> tuple[int, int, int]:
@@ -165,6 +168,7 @@ def _group_row(h, device: torch.device) -> tuple[float, float, int]:
         | (code << _LR_SHIFT)
         | (_FLAG_RECTIFY if h.rectify else 0)
         | (_FLAG_SUM_V if h.second_moment_sum else 0)
+        | (_FLAG_SR if h.stochastic_rounding else 0)
     )
     return float(lr), addr, flags
 
@@ -179,6 +183,7 @@ def _group_rows(groups, device) -> np.ndarray:
         f[r, 6] = lr
         out[r, 7] = addr
         f[r, 8:10] = (h.projection_delta, h.projection_wd_ratio)
+        out[r, 10] = h.rounding_seed
     return out
 
 
@@ -307,6 +312,7 @@ def _step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, 
         AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(variant.maximize),
         BLOCK_SIZE=block_size,
+        STOCHASTIC=bool(variant.stochastic_rounding) and pdt == torch.bfloat16,
     )
     ptrs = dict(addr=buf, scal=t.scal, block_map=t.block_map, grad_scale=grad_scale,
                 found_inf=found_inf)  # fmt: skip

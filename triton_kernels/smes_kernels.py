@@ -61,7 +61,7 @@ P_GENERAL = 2
 # Table layout (tl.constexpr, so the kernels can read them; int() gives the host value): one row of
 # 10 words per tensor, then one per param group.
 _c = tl.constexpr
-ROW = _c(10)
+ROW = _c(11)
 COL_P, COL_G, COL_M, COL_V, COL_VMAX, COL_STEP, COL_NUMEL, COL_GROUP = (_c(i) for i in range(8))
 # Projection (SPEC §4): the tensor's rows (its size(0) when dim > 1, else 1) and its first row in
 # the bucket's row buffers.
@@ -72,17 +72,19 @@ COL_NROWS, COL_ROW0 = _c(8), _c(9)
 GCOL_BETA1, GCOL_BETA2, GCOL_EPS, GCOL_EXP, GCOL_WD, GCOL_FLAGS, GCOL_LR, GCOL_LR_ADDR = (
     _c(i) for i in range(8)
 )
-GCOL_DELTA, GCOL_WD_RATIO = _c(8), _c(9)
+GCOL_DELTA, GCOL_WD_RATIO, GCOL_SEED = _c(8), _c(9), _c(10)
 FLAG_BIAS_CORRECTION = _c(1)
 LR_SHIFT = _c(1)  # (flags >> LR_SHIFT) & LR_MASK: where the lr is read (LR_*)
 LR_MASK = _c(7)
 LR_HOST, LR_F32, LR_F64, LR_BF16, LR_F16 = (_c(i) for i in range(5))
 FLAG_RECTIFY = _c(16)  # RAdam's rectification (SPEC §4)
 FLAG_SUM_V = _c(32)  # AdaGrad: v ← v + g², no bc2
+FLAG_SR = _c(64)  # stochastic rounding of θ (bf16 params; smes_fused/_rounding.py)
 # Per-tensor float32 scalars of one step (written by the prologue, read by every block).
 SCAL_COLS = _c(16)
 (S_STEP_SIZE, S_DECAY, S_BC2, S_BC2_SQRT, S_BETA1, S_OMB1, S_BETA2, S_OMB2, S_EPS, S_EXP,
- S_WD, S_ADAPT, S_DECAY_PROJ, S_DELTA) = (_c(i) for i in range(14))  # fmt: skip
+ S_WD, S_ADAPT, S_DECAY_PROJ, S_DELTA, S_KEY) = (_c(i) for i in range(15))  # fmt: skip
+M32 = _c(0xFFFFFFFF)
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -101,6 +103,29 @@ def _to_storage(x, DTYPE: tl.constexpr):
         return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN stays NaN
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def _mix(x):
+    """MurmurHash3's fmix32 on int64 values holding uint32 (smes_fused/_rounding.py)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & M32
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _to_bf16_stochastic(x, key, index):
+    """float32 → bfloat16, rounded up with probability (low 16 bits)/2^16: unbiased, the
+    random bits a hash of (key, element index) as in smes_fused/_rounding.py; non-finite values
+    to nearest."""
+    r = _mix(key ^ (index & M32) ^ _mix(index >> 32)) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True).to(tl.int64) & M32
+    up = (((bits + r) >> 16) & 0xFFFF).to(tl.uint16)
+    rounded = up.to(tl.bfloat16, bitcast=True)
+    finite = (x == x) & (tl.abs(x) < float("inf"))
+    return tl.where(finite, rounded, _to_storage(x, tl.bfloat16))
 
 
 @triton.jit
@@ -151,6 +176,7 @@ def _smes_scalars_kernel(
     flags = tl.load(gi_ptr + GCOL_FLAGS, mask=mask, other=0)
     lr = _load_lr(gi_ptr, gf_ptr, (flags >> LR_SHIFT) & LR_MASK, mask)
     wd_ratio = tl.load(gf_ptr + GCOL_WD_RATIO, mask=mask, other=1.0)
+    seed = tl.load(gi_ptr + GCOL_SEED, mask=mask, other=0)
     delta = tl.load(gf_ptr + GCOL_DELTA, mask=mask, other=0.0)
 
     # The step count, advanced here (float32, as torch's _foreach_add_) unless found_inf is set.
@@ -180,6 +206,9 @@ def _smes_scalars_kernel(
     tl.store(out + S_DECAY, (1.0 - lr * weight_decay).to(tl.float32), mask=mask)
     tl.store(out + S_DECAY_PROJ, (1.0 - lr * weight_decay * wd_ratio).to(tl.float32), mask=mask)
     tl.store(out + S_DELTA, delta.to(tl.float32), mask=mask)
+    # The stochastic rounding's key of this step (a uint32 in a float32 column, bit for bit).
+    key = _mix(seed ^ _mix((step.to(tl.int64) * 0x9E3779B9 + i.to(tl.int64)) & M32))
+    tl.store(out + S_KEY, key.to(tl.uint32).to(tl.float32, bitcast=True), mask=mask)
     tl.store(out + S_ADAPT, tl.where(adaptive, 1.0, 0.0).to(tl.float32), mask=mask)
     tl.store(out + S_BC2, bc2.to(tl.float32), mask=mask)
     tl.store(out + S_BC2_SQRT, tl.sqrt(bc2).to(tl.float32), mask=mask)
@@ -247,6 +276,17 @@ def _smes_direction(m, vhat, eps, exponent, bc2, bc2_sqrt, adapt, P_CLASS: tl.co
 
 
 @triton.jit
+def _store_theta(p_ptr, offs, mask, theta, srow, elem, PARAM_DTYPE: tl.constexpr,
+                 STOCHASTIC: tl.constexpr):  # fmt: skip
+    """The new θ to storage: stochastically rounded (bf16 with STOCHASTIC) or to nearest."""
+    if STOCHASTIC:
+        key = tl.load(srow + S_KEY).to(tl.uint32, bitcast=True).to(tl.int64)
+        tl.store(p_ptr + offs, _to_bf16_stochastic(theta, key, elem), mask=mask)
+    else:
+        tl.store(p_ptr + offs, _to_storage(theta, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
 def _smes_block(
     p_ptr,
     g_ptr,
@@ -260,6 +300,7 @@ def _smes_block(
     row_ptr,
     row,
     rmask,
+    elem,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     P_CLASS: tl.constexpr,
@@ -268,6 +309,7 @@ def _smes_block(
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     PHASE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
 ):
     """Load one block (storage dtype → float32), apply the rule, store it back.
 
@@ -300,7 +342,7 @@ def _smes_block(
         if DECOUPLED:  # the decision kernel set S_DECAY to the projected decay where it projects
             theta = theta * tl.load(srow + S_DECAY)
         theta = theta - tl.load(srow + S_STEP_SIZE) * u
-        tl.store(p_ptr + offs, _to_storage(theta, PARAM_DTYPE), mask=mask)
+        _store_theta(p_ptr, offs, mask, theta, srow, elem, PARAM_DTYPE, STOCHASTIC)
     else:
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
         g_cos, m, v, vmax, vhat = _smes_moments(
@@ -325,7 +367,7 @@ def _smes_block(
             if DECOUPLED:  # decay == 1 exactly when λ == 0
                 theta = theta * tl.load(srow + S_DECAY)
             theta = theta - tl.load(srow + S_STEP_SIZE) * u
-            tl.store(p_ptr + offs, _to_storage(theta, PARAM_DTYPE), mask=mask)
+            _store_theta(p_ptr, offs, mask, theta, srow, elem, PARAM_DTYPE, STOCHASTIC)
         else:
             out = row_ptr + 4 * row
             tl.atomic_add(out, g_cos * theta, mask=rmask)
@@ -357,6 +399,7 @@ def _smes_step_kernel(
     MAXIMIZE: tl.constexpr,  # False removes the gradient negation
     BLOCK_SIZE: tl.constexpr,  # elements per program
     PHASE: tl.constexpr = 0,  # 0: the step; 1, 2: the projection's passes (see _smes_block)
+    STOCHASTIC: tl.constexpr = False,  # bf16 params: stochastic rounding of θ
 ):
     """One SMES step over every tensor of a bucket; program ``pid`` updates one block.
 
@@ -379,6 +422,9 @@ def _smes_step_kernel(
     limit = tl.where(found_inf == 0.0, limit, 0)
     mask = offs < limit
     inv_scale = 1.0 / tl.load(grad_scale_ptr).to(tl.float32)
+    elem = offs  # the elements' indices in their tensor (the stochastic rounding's counter)
+    if STOCHASTIC:
+        elem = start + offs
     # The projection's rows (SPEC §4): tensors without rows (dim 1) have k = 0 and no sums.
     rows_base = rows_ptr
     row_index = offs
@@ -431,6 +477,7 @@ def _smes_step_kernel(
             rows_base,
             row_index,
             rmask,
+            elem,
             PARAM_DTYPE,
             STATE_DTYPE,
             P_CLASS,
@@ -439,6 +486,7 @@ def _smes_step_kernel(
             AMSGRAD,
             MAXIMIZE,
             PHASE,
+            STOCHASTIC,
         )
     else:
         _smes_block(
@@ -454,6 +502,7 @@ def _smes_step_kernel(
             rows_base,
             row_index,
             rmask,
+            elem,
             PARAM_DTYPE,
             STATE_DTYPE,
             P_CLASS,
@@ -462,6 +511,7 @@ def _smes_step_kernel(
             AMSGRAD,
             MAXIMIZE,
             PHASE,
+            STOCHASTIC,
         )
 
 

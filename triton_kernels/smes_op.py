@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 # beta1, beta2, eps, exponent, weight_decay, bias_correction, lr, lr tensor index, rectify,
-# second_moment_sum, projection_delta, projection_wd_ratio
-GROUP_FIELDS = 12
+# second_moment_sum, projection_delta, projection_wd_ratio, stochastic_rounding, rounding_seed
+GROUP_FIELDS = 14
 
 
 def flatten_groups(groups) -> tuple[list[float], list[Tensor]]:
@@ -29,7 +29,8 @@ def flatten_groups(groups) -> tuple[list[float], list[Tensor]]:
         flat += [h.beta1, h.beta2, h.eps, h.exponent, h.weight_decay,
                  1.0 if h.bias_correction else 0.0, float(lr), idx,
                  1.0 if h.rectify else 0.0, 1.0 if h.second_moment_sum else 0.0,
-                 h.projection_delta, h.projection_wd_ratio]  # fmt: skip
+                 h.projection_delta, h.projection_wd_ratio,
+                 1.0 if h.stochastic_rounding else 0.0, float(h.rounding_seed)]  # fmt: skip
     return flat, lr_tensors
 
 
@@ -38,12 +39,12 @@ def unflatten_groups(flat, lr_tensors) -> list:
 
     out = []
     for r in range(len(flat) // GROUP_FIELDS):
-        b1, b2, eps, p, wd, bc, lr, idx, rect, sv, delta, ratio = flat[
+        b1, b2, eps, p, wd, bc, lr, idx, rect, sv, delta, ratio, sr, seed = flat[
             r * GROUP_FIELDS : (r + 1) * GROUP_FIELDS
         ]
         lr = lr_tensors[int(idx)] if idx >= 0 else lr
         out.append(GroupHyper(lr, b1, b2, eps, p, wd, bc != 0.0, rect != 0.0, sv != 0.0,
-                              delta, ratio))  # fmt: skip
+                              delta, ratio, sr != 0.0, int(seed)))  # fmt: skip
     return out
 
 

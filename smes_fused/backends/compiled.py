@@ -43,10 +43,11 @@ def hyper_row(h: Hyper, device_type: str = "cpu") -> tuple:
         | (_ops.FLAG_RECTIFY if h.rectify else 0)
         | (_ops.FLAG_SUM_V if h.second_moment_sum else 0)
         | (_ops.FLAG_PROJECTION if h.projection else 0)
+        | (_ops.FLAG_SR if h.stochastic_rounding else 0)
     )
     lr = 0.0 if _device_lr(h, device_type) else float(h.lr)
     return (lr, h.beta1, h.beta2, h.eps, h.exponent, h.weight_decay, float(flags),
-            h.projection_delta, h.projection_wd_ratio)  # fmt: skip
+            h.projection_delta, h.projection_wd_ratio, float(h.rounding_seed))  # fmt: skip
 
 
 class HyperTable:

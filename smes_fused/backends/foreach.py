@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype
+from .._rounding import round_to_bf16, tensor_key
 from . import register
 from .reference import rectification
 
@@ -24,7 +25,7 @@ def _cast(ts: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
     return [t.to(dtype) for t in ts], True
 
 
-def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
+def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None, index: list[int]) -> None:
     cd = compute_dtype(b.key.param_dtype)
     theta, theta_cast = _cast(b.params, cd)
     g, _ = _cast(b.grads, cd)
@@ -90,7 +91,7 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
         if m_cast:
             torch._foreach_copy_(b.exp_avgs, m)
         if theta_cast:
-            torch._foreach_copy_(b.params, theta)
+            _write_params(b, h, theta, t, index)
         return
     neg_step = [-(lr / x) for x in bc1]
     if on_device:
@@ -124,7 +125,16 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
     if m_cast:
         torch._foreach_copy_(b.exp_avgs, m)
     if theta_cast:
+        _write_params(b, h, theta, t, index)
+
+
+def _write_params(b: Bucket, h: Hyper, theta, t, index: list[int]) -> None:
+    """The new θ into 16-bit params: to nearest, or stochastically for bf16 (SPEC §4)."""
+    if not (h.stochastic_rounding and b.key.param_dtype == torch.bfloat16):
         torch._foreach_copy_(b.params, theta)
+        return
+    for p, x, ti, i in zip(b.params, theta, t, index):
+        p.copy_(round_to_bf16(x, tensor_key(h.rounding_seed, ti, i)))
 
 
 def _extended_update(b: Bucket, h: Hyper, theta, g_cos, m, vv, t, bc1, bc2, lr, cd) -> None:
@@ -202,7 +212,7 @@ class ForeachBackend:
             groups.setdefault(id(h), []).append(i)
             hypers[id(h)] = h
         for hid, idx in groups.items():
-            _group_step(bucket.subset(idx), hypers[hid], grad_scale)
+            _group_step(bucket.subset(idx), hypers[hid], grad_scale, idx)
 
 
 register(ForeachBackend())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype
+from .._rounding import round_to_bf16, tensor_key
 from . import register
 
 
@@ -68,8 +69,10 @@ def smes_tensor(
     step: Tensor,
     h: Hyper,
     grad_scale: Tensor | None = None,
+    index: int = 0,
 ) -> None:
-    """One SMES step of one tensor; ``step`` already holds this step's count."""
+    """One SMES step of one tensor; ``step`` already holds this step's count. ``index``: the
+    tensor's position in its bucket (the stochastic rounding's key)."""
     cd = compute_dtype(param.dtype)
     theta = param.to(cd)
     g = grad.to(cd)
@@ -125,6 +128,8 @@ def smes_tensor(
             decay = 1 - lr * h.weight_decay * h.projection_wd_ratio
 
     theta = theta * decay - (lr / bc1) * u
+    if h.stochastic_rounding and param.dtype == torch.bfloat16:
+        theta = round_to_bf16(theta, tensor_key(h.rounding_seed, t, index))
     param.copy_(theta)
 
 
@@ -152,6 +157,7 @@ class ReferenceBackend:
                 bucket.steps[i],
                 bucket.hypers[i],
                 grad_scale,
+                i,
             )
 
 

@@ -1,0 +1,115 @@
+"""Stochastic rounding of bf16 params (``stochastic_rounding=True``, smes_fused/_rounding.py) on
+every CPU backend and the Triton interpreter: unbiased (the mean of many rounded values within a
+statistical bound of the float32 value), reproducible from the seed and the step, the same bits in
+every backend, and nothing changed for other dtypes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import smes_fused
+from smes_fused import SMES
+from smes_fused._rounding import round_to_bf16, tensor_key
+
+
+def _use_triton_interpreter() -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        kernels = importlib.import_module("smes_fused.triton_kernels.smes")
+    except ImportError:
+        return
+    if not kernels.INTERPRET:
+        importlib.reload(kernels)
+
+
+_use_triton_interpreter()
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+
+
+@pytest.fixture(params=["reference", "foreach", "cpu", "triton"])
+def backend(request) -> str:
+    why = smes_fused.available_backends().get(request.param, "not registered in this build")
+    if why is not None:
+        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
+    return request.param
+
+
+def test_definition_is_unbiased_and_keeps_specials():
+    x = torch.full((400_000,), 1.0 + 2**-10)  # 1/8 of the way from bf16 1.0 to 1.0078125
+    y = round_to_bf16(x, tensor_key(0, 1, 0)).double()
+    assert set(y.unique().tolist()) == {1.0, 1.0078125}
+    sigma = (0.125 * 0.875) ** 0.5 * 2**-7 / len(x) ** 0.5
+    assert abs(float(y.mean()) - (1.0 + 2**-10)) < 5 * sigma
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    out = round_to_bf16(specials, 7).float()
+    assert out[0].isnan() and out[1] == float("inf") and out[2] == -float("inf")
+    assert out[3] == 0 and out[4] == 0
+
+
+def _decay_step(backend, n=200_000, seed=0, sr=True, dtype=torch.bfloat16):
+    """One step whose float32 result is known: zero gradient and state, so θ ← θ(1 − lr·λ):
+    1.0 → 0.999, between the bf16 values 0.99609375 and 1.0."""
+    p = torch.ones(n, dtype=dtype, requires_grad=True)
+    opt = SMES([p], lr=1e-3, weight_decay=1.0, stochastic_rounding=sr, rounding_seed=seed,
+               backend=backend)  # fmt: skip
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    return p.detach().clone()
+
+
+def test_unbiased_in_every_backend(backend):
+    y = _decay_step(backend).double()
+    target = float(torch.tensor(1.0 - 1e-3, dtype=torch.float32))
+    lo, hi = 0.99609375, 1.0
+    q = (target - lo) / (hi - lo)
+    sigma = (q * (1 - q)) ** 0.5 * (hi - lo) / len(y) ** 0.5
+    assert set(y.unique().tolist()) == {lo, hi}
+    assert abs(float(y.mean()) - target) < 5 * sigma
+    # round to nearest: every value 1.0, a bias of 1e-3 (185 sigma)
+    assert torch.all(_decay_step(backend, sr=False) == 1.0)
+
+
+def test_reproducible_from_seed_and_step(backend):
+    a, b = _decay_step(backend, seed=3), _decay_step(backend, seed=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, _decay_step(backend, seed=4))
+
+
+def test_same_bits_as_the_definition_in_every_backend(backend):
+    """Two steps at p = 0.5 (every backend computes the same float32 θ there): the rounded θ is
+    bit for bit the reference's, which applies smes_fused._rounding directly."""
+
+    def run(name):
+        torch.manual_seed(0)
+        ps = [
+            torch.randn(64, 33).bfloat16().requires_grad_(),
+            torch.randn(1000).bfloat16().requires_grad_(),
+        ]
+        opt = SMES(ps, lr=1e-2, stochastic_rounding=True, rounding_seed=11, backend=name)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            opt.step()
+        return [p.detach() for p in ps]
+
+    for a, b in zip(run(backend), run("reference")):
+        assert torch.equal(a, b)
+
+
+def test_other_dtypes_are_rounded_as_before(backend):
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(
+            _decay_step(backend, n=1000, dtype=dtype),
+            _decay_step(backend, n=1000, sr=False, dtype=dtype),
+        )
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 1.5, True])
+def test_bad_rounding_seed(bad):
+    with pytest.raises(ValueError, match="rounding_seed"):
+        SMES([torch.zeros(2, requires_grad=True)], stochastic_rounding=True, rounding_seed=bad)
