@@ -186,3 +186,14 @@ def test_bf16_params_with_float32_state(tmp_path):
     assert smes and {r["smes_state_dtype"] for r in smes} == {"float32"}
     assert {float(r["bytes_per_param"]) for r in smes} == {22.0}
     assert {float(r["bytes_per_param"]) for r in fused} == {14.0}
+
+
+def test_bf16_rounding_demo_runs(tmp_path, capsys):
+    from bench import bf16_rounding
+
+    args = ["--exponents", "-0.08", "--seeds", "1", "--steps", "3", "--out", str(tmp_path)]
+    assert bf16_rounding.main(args) == 0
+    with open(tmp_path / "bf16_rounding.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["mode"] for r in rows} == set(bf16_rounding.MODES)
+    assert "bf16 stochastic" in capsys.readouterr().out
