@@ -103,9 +103,10 @@ SMES_HD int variant_code(double p, double wd, int flags) {
 
 // One SMES step on one value (element or SIMD register). `v`/`vmax` are only touched when the
 // variant tracks them; with P_ZERO, v is updated when tracked (exponent schedules) but not read
-// for the denominator.
-template <int PC, bool TV, bool AMS, bool L2, class M, class T>
-SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const Scalars& s) {
+// for the denominator. `s`: Scalars, or a kernel's extension of it with constants of its own
+// (derived from Scalars once per tensor) that M's functions read.
+template <int PC, bool TV, bool AMS, bool L2, class M, class T, class S>
+SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const S& s) {
   g = g * s.gmul;                  // maximize, then 1/grad_scale (both exact when 1)
   if (L2) g = g + s.l2 * th;       // L2: g + lambda * theta
   th = th * s.decay;               // decoupled: theta * (1 - lr * lambda); exact when 1
