@@ -6,6 +6,10 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+// GCC's first scheduling pass (off by default on x86), register-pressure aware: it interleaves the
+// independent chains of a block of vectors at general p, whose latency bounds the kernel (measured
+// on a Zen 3 EPYC: 9-11% off the general-p step, p = 0.5 unchanged).
+#pragma GCC optimize("schedule-insns", "sched-pressure")
 #include "smes_cpu_job.h"  // after the pragma: smes_math.h is compiled for this ISA
 
 #define SMES_W 8

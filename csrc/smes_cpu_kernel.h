@@ -29,41 +29,65 @@ typedef _Float16 VF16 __attribute__((vector_size(2 * W)));
 
 SMES_CPU_INLINE V splat(float x) { return V{} + x; }
 
+// A block of K vectors (segment passes blocks to the rule on AVX2 at general p): the rule's
+// arithmetic is done on each vector in turn, spelt out without loops or casts so that GCC keeps
+// the block in registers (a GCC vector of K V, the earlier form, went through the stack).
+template <int... I>
+struct Seq {};
+template <int N, int... I>
+struct MakeSeq : MakeSeq<N - 1, N - 1, I...> {};
+template <int... I>
+struct MakeSeq<0, I...> {
+  using type = Seq<I...>;
+};
+template <int K>
+struct Block {
+  V x[K];
+};
+template <int K, class Fn, int... I>
+SMES_CPU_INLINE Block<K> bmap(Seq<I...>, Fn fn, const Block<K>& a) {
+  return {{fn(a.x[I])...}};
+}
+template <int K, class Fn, int... I>
+SMES_CPU_INLINE Block<K> bmap(Seq<I...>, Fn fn, const Block<K>& a, const Block<K>& b) {
+  return {{fn(a.x[I], b.x[I])...}};
+}
+#define SMES_BLOCK_OP(op)                                                                    \
+  template <int K>                                                                           \
+  SMES_CPU_INLINE Block<K> operator op(const Block<K>& a, const Block<K>& b) {               \
+    return bmap(typename MakeSeq<K>::type{},                                                 \
+                [](V x, V y) __attribute__((always_inline)) { return x op y; }, a, b);       \
+  }                                                                                          \
+  template <int K>                                                                           \
+  SMES_CPU_INLINE Block<K> operator op(const Block<K>& a, float b) {                         \
+    return bmap(typename MakeSeq<K>::type{},                                                 \
+                [b](V x) __attribute__((always_inline)) { return x op b; }, a);              \
+  }                                                                                          \
+  template <int K>                                                                           \
+  SMES_CPU_INLINE Block<K> operator op(float a, const Block<K>& b) {                         \
+    return bmap(typename MakeSeq<K>::type{},                                                 \
+                [a](V y) __attribute__((always_inline)) { return a op y; }, b);              \
+  }
+SMES_BLOCK_OP(+)
+SMES_BLOCK_OP(-)
+SMES_BLOCK_OP(*)
+SMES_BLOCK_OP(/)
+#undef SMES_BLOCK_OP
+
 struct VecMath {
-  // The element-wise functions take V or, where segment passes a block of several vectors (AVX2
-  // at general p), a GCC vector of several V: `each` applies an operation on V to every piece.
-  template <class T, class Fn>
-  SMES_CPU_INLINE T each(Fn fn, T a) {
-    constexpr int K = sizeof(T) / sizeof(V);
-    V x[K];
-    __builtin_memcpy(x, &a, sizeof a);
-    for (int i = 0; i < K; ++i) x[i] = fn(x[i]);
-    T r;
-    __builtin_memcpy(&r, x, sizeof r);
-    return r;
+  // The element-wise functions take V or a Block: `each` applies an operation on V to every
+  // vector of a block.
+  template <class Fn>
+  SMES_CPU_INLINE V each(Fn fn, V a) { return fn(a); }
+  template <class Fn>
+  SMES_CPU_INLINE V each(Fn fn, V a, V b) { return fn(a, b); }
+  template <int K, class Fn>
+  SMES_CPU_INLINE Block<K> each(Fn fn, const Block<K>& a) {
+    return bmap(typename MakeSeq<K>::type{}, fn, a);
   }
-  template <class T, class Fn>
-  SMES_CPU_INLINE T each(Fn fn, T a, T b) {
-    constexpr int K = sizeof(T) / sizeof(V);
-    V x[K], y[K];
-    __builtin_memcpy(x, &a, sizeof a);
-    __builtin_memcpy(y, &b, sizeof b);
-    for (int i = 0; i < K; ++i) x[i] = fn(x[i], y[i]);
-    T r;
-    __builtin_memcpy(&r, x, sizeof r);
-    return r;
-  }
-  template <class T, class Fn>
-  SMES_CPU_INLINE T each(Fn fn, T a, T b, T c) {
-    constexpr int K = sizeof(T) / sizeof(V);
-    V x[K], y[K], z[K];
-    __builtin_memcpy(x, &a, sizeof a);
-    __builtin_memcpy(y, &b, sizeof b);
-    __builtin_memcpy(z, &c, sizeof c);
-    for (int i = 0; i < K; ++i) x[i] = fn(x[i], y[i], z[i]);
-    T r;
-    __builtin_memcpy(&r, x, sizeof r);
-    return r;
+  template <int K, class Fn>
+  SMES_CPU_INLINE Block<K> each(Fn fn, const Block<K>& a, const Block<K>& b) {
+    return bmap(typename MakeSeq<K>::type{}, fn, a, b);
   }
 
   template <class T>
@@ -152,129 +176,233 @@ struct VecMath {
     return _mm512_scalef_ps((t * f) * q + t, r);
   }
 #elif SMES_W == 8
-  // AVX2 + FMA: the AVX-512 scheme with 8-entry tables (vpermps) and degree-3 polynomials, which
-  // the smaller tables need for the same accuracy. AVX2 has no getexp/getmant/scalef/fixupimm:
-  // denormals are normalised through an integer conversion, 2^n is built from the exponent bits
-  // (squared, so that denormal and overflowing results round once, as scalef does), and v = 0,
-  // inf and NaN take their result from one blend at the end. The FMA pipes (two, shared with
-  // multiplies, blends and the divider) bound the kernel, so the rest is integer and add work.
-  // pow_hat is written for a block of K vectors (segment passes K = 4): each generic operation
-  // becomes K independent instructions in a row, which the out-of-order core overlaps; one
-  // vector's chain (about 60 instructions, 100+ cycles with the update) leaves it idle.
+  // AVX2 + FMA. AVX2 has no getexp, getmant, scalef or fixupimm; pow_hat takes one of two paths
+  // for a block of vectors:
+  // - pow_fast, where every v of the block is a normal float in a per-tensor range of bits where
+  //   (v / bc2)^p is a normal float too (one integer compare per vector, one branch per block):
+  //   no special values, no clamps, 2^n added to the exponent field of a table entry, and the
+  //   exponent rounded early (from the exponent field alone), so that the rounding does not wait
+  //   for the log2 polynomial. 21 or 22 vector instructions per vector, and 3 for the range.
+  // - pow_general, for any v (0, denormal, inf, NaN) and any finite p: denormals normalised, the
+  //   exponent rounded by vroundps after the log2, 2^n as two factors (so that a denormal or
+  //   overflowing result rounds once, as scalef does), and v = 0, inf and NaN blended in.
+  // The chains' latency counts as much as their instructions (GCC runs the K vectors of a block
+  // one after another; the out-of-order core overlaps them as far as its window reaches), so the
+  // fast path takes the shortest exp2 polynomial the error budget allows: degree 3 for
+  // |p| <= 1/2, 4 above (measured: 4-10% of the general-p step).
   //
   // Tables, for k = 0..7 (python: c = 1 + (k + .5) / 8; kRcp8[k] = float32(1 / c);
-  // kLog8[k] = float32(-log2(kRcp8[k])); kExp8[k] = float32(2 ** (k / 4))):
+  // kLog8[k] = float32(-log2(kRcp8[k]) - k / 8); kExp8[k] = float32(2 ** (k / 8))):
   alignas(32) static constexpr float kRcp8[8] = {
-      0.94117647409f, 0.84210526943f, 0.76190477610f, 0.69565218687f,
+      0.94117647409f, 0.84210526943f, 0.7619047761f, 0.69565218687f,
       0.63999998569f, 0.59259259701f, 0.55172413588f, 0.51612901688f};
   alignas(32) static constexpr float kLog8[8] = {
-      0.08746283501f, 0.24792750180f, 0.39231738448f, 0.52356195450f,
-      0.64385622740f, 0.75488746166f, 0.85798102617f, 0.95419633389f};
+      0.087462835014f, 0.1229275018f, 0.14231739938f, 0.1485619247f,
+      0.1438562274f, 0.12988749146f, 0.10798100382f, 0.079196356237f};
   alignas(32) static constexpr float kExp8[8] = {
-      1.00000000000f, 1.18920707703f, 1.41421353817f, 1.68179285526f,
-      2.00000000000f, 2.37841415405f, 2.82842707634f, 3.36358571053f};
-  template <class T>
-  SMES_CPU_INLINE T lookup(__m256 tab, T k) {  // tab[bits 2..0 of k], k holding integers
-    return each([tab](V x) __attribute__((always_inline)) {
-      return (V)_mm256_permutevar8x32_ps(tab, _mm256_castps_si256(x));
-    }, k);  // fmt: skip
+      1.0f, 1.0905077457f, 1.189207077f, 1.2968395948f,
+      1.4142135382f, 1.5422108173f, 1.6817928553f, 1.8340080976f};
+  // Minimax fits (scipy.optimize.linprog on 20001 points; errors of the float32 coefficients):
+  // log2(1 + f) = f (l1 + l2 f + l3 f^2) for |f| <= 0.0589: absolute error 7.5e-7;
+  // 2^f = 1 + f (e1 + e2 f + e3 f^2) for |f| <= 0.1155: relative error 3.3e-7;
+  // 2^f = 1 + f (d1 + d2 f + d3 f^2 + d4 f^3) for |f| <= 0.1955: relative error 7.8e-8.
+  static constexpr float kL1 = 1.4426936f, kL2 = -0.72238463f, kL3 = 0.48230204f;
+  static constexpr float kE1 = 0.693146944f, kE2 = 0.240334183f, kE3 = 0.0555249304f;
+  static constexpr float kD1 = 0.693147182f, kD2 = 0.240226507f, kD3 = 0.0555551462f,
+                         kD4 = 0.00962405f;
+  // log2(mant) - k / 8 = kLog8[k] + log2(1 + f) is in [0, 0.21]: less kMid, |t| <= 0.105 |p|
+  static constexpr float kMid = 0.105f;
+
+  SMES_CPU_INLINE __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+  SMES_CPU_INLINE __m256 fma(__m256 a, __m256 b, float c) { return fma(a, b, _mm256_set1_ps(c)); }
+  SMES_CPU_INLINE __m256 fma(float a, __m256 b, __m256 c) { return fma(_mm256_set1_ps(a), b, c); }
+  SMES_CPU_INLINE __m256 lookup(__m256 tab, __m256 k) {  // tab[bits 2..0 of k]
+    return _mm256_permutevar8x32_ps(tab, _mm256_castps_si256(k));
   }
-  // a b + c with one rounding, a or c a scalar (splat inside: a wide splat built outside the
-  // loop would be built element by element where GCC does not hoist it)
-  template <class T>
-  SMES_CPU_INLINE T fma(float a, T b, T c) {
-    return each([a](V y, V z) __attribute__((always_inline)) {
-      return (V)_mm256_fmadd_ps(_mm256_set1_ps(a), y, z);
-    }, b, c);  // fmt: skip
-  }
-  template <class T>
-  SMES_CPU_INLINE T fma(T a, T b, float c) {
-    return each([c](V x, V y) __attribute__((always_inline)) {
-      return (V)_mm256_fmadd_ps(x, y, _mm256_set1_ps(c));
-    }, a, b);  // fmt: skip
-  }
-  // The exponent's constant part, shift - 127 p (shift = -p log2 bc2; 127 p: the exponent bias,
-  // so that the biased exponent field converts straight to e), as hi + lo: hi, a multiple of 1/4,
-  // joins the rounding constant and lo (|lo| <= 1/8) the log2 table, so that t stays below
-  // |p| + 1/4 and each of its roundings costs 3e-8 of the exponent (5e-7 at |shift| ~ 10).
-  struct Shift {
-    float hi, lo;
-  };
-  SMES_CPU_INLINE Shift split_shift(const Scalars& s) {
-    const double c = (double)s.log2_shift - 127.0 * (double)s.p;  // exact
-    const double hi = __builtin_rint(c * 4.0) * 0.25;
-    return {(float)hi, (float)(c - hi)};
-  }
-  // kMagic = 1.5 * 2^21 + 254: r + kMagic has an ulp of 1/4 for |r| < 2^20, and its bits 11..2
-  // are n + 254 for n = floor(r) (bits 1..0: 4 r mod 4).
-  static constexpr float kMagic = 3145982.0f;
+  SMES_CPU_INLINE __m256i bits(__m256 x) { return _mm256_castps_si256(x); }
+  SMES_CPU_INLINE __m256 flt(__m256i x) { return _mm256_castsi256_ps(x); }
   template <class T>
   SMES_CPU_INLINE T quot(T m, T d) { return m / d; }
 
-  // (v / bc2)^p = 2^(p (e - 127) + p l + shift) for v = mant 2^(e - 127) > 0:
-  // - log2: e the biased exponent field (exact), l = log2(mant) = kLog8[k] + log2(1 + f),
-  //   f = mant * kRcp8[k] - 1 (|f| < 0.059, one rounding) for k the top 3 mantissa bits,
-  //   log2(1 + f) = f (c1 + c2 f + c3 f^2) (absolute error 7.5e-7); t = p l + lo with p and lo
-  //   folded into the table and the coefficients.
-  // - r: p e + t rounded, then (with hi) rounded to a multiple of 1/4 by the magic-number add; the
-  //   fraction f = (p e - r) + t takes p e - r from one FMA, whose result (about -t) is small.
-  // - 2^r 2^f = kExp8[4 (r mod 2)] s^2 2^f with s = 2^floor(n / 2), both read from the bits of
-  //   r + kMagic, and 2^f = 1 + f (c1 + c2 f + c3 f^2) (relative error 4.3e-7). r is clamped to
-  //   [-152, 129], where the result rounds to 0 or overflows to inf; s stays normal, so only the
-  //   last product rounds to a denormal or to inf.
-  // - v = 0, inf, NaN (and any negative v, which v never is): v itself for p > 0; for p < 0 the
-  //   bits 0x7f800000 - v (0 <-> inf, a NaN stays a NaN), as ~v + 0x7f800001.
-  template <class T>
-  SMES_CPU_INLINE T pow_hat(T v, const Scalars& s) {
-    // Comparisons, blends, min/max and conversions go through `each` (GCC would split them on a
-    // wide vector into single elements); the integer arithmetic is plain vector code.
-    typedef uint32_t TU __attribute__((vector_size(sizeof(T))));
-    const Shift sh = split_shift(s);
-    // log2. Denormals (bits below 2^23, and 0): the bits b convert exactly to b = v 2^149; less
-    // 149 in the exponent field they are those of 2^23 v with 23 taken off the exponent field,
-    // which then reads -22..0 while the mantissa field is that of a normal number.
-    const T bits = each([](V x) __attribute__((always_inline)) {
-      const __m256i b = _mm256_castps_si256(x);
-      const __m256i conv = _mm256_castps_si256(_mm256_cvtepi32_ps(b));
-      const __m256i scaled = _mm256_sub_epi32(conv, _mm256_set1_epi32(149 << 23));
-      const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), b);
-      return (V)_mm256_blendv_ps(x, _mm256_castsi256_ps(scaled), _mm256_castsi256_ps(tiny));
-    }, v);  // fmt: skip
-    const TU ub = (TU)bits;
-    const T mant = (T)((ub & 0x007fffffu) | 0x3f800000u);
-    const T k = (T)(ub >> 20);  // bits 2..0 used: the top 3 mantissa bits
-    const T f = fma(mant, lookup(_mm256_load_ps(kRcp8), k), -1.0f);
-    T q = f * (s.p * 0.48230726f) + (s.p * -0.72239071f);
-    q = f * q + (s.p * 1.4426936f);
-    const __m256 tab = _mm256_fmadd_ps(splat(s.p), _mm256_load_ps(kLog8), splat(sh.lo));
-    const T e = each([](V x) __attribute__((always_inline)) {  // the exponent field, -22..254
-      return (V)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_castps_si256(x), 23));
-    }, bits);  // fmt: skip
-    const T t = f * q + lookup(tab, k);
-    // r and f
-    const float magic = kMagic + sh.hi;  // exact: a multiple of 1/4 in [2^21, 2^22)
-    const T rm = fma(s.p, e, t) + magic;
-    const T fr = fma(s.p, e, magic - rm) + t;
-    // 2^r 2^f, r clamped on the bits (positive floats order as their bits do)
-    const T b = each([](V x) __attribute__((always_inline)) {
-      const __m256i lo = _mm256_castps_si256(_mm256_set1_ps(kMagic - 152.0f));
-      const __m256i hi = _mm256_castps_si256(_mm256_set1_ps(kMagic + 129.0f));
-      return (V)_mm256_min_epi32(_mm256_max_epi32(_mm256_castps_si256(x), lo), hi);
-    }, rm);  // fmt: skip
-    const T te = lookup(_mm256_load_ps(kExp8), b);
-    const T sc = (T)((((TU)b) >> 3) << 23);
-    T qe = fr * 0.055523101f + 0.24035256f;
-    qe = fr * qe + 0.69314718f;
-    const T r = (((te * fr) * qe + te) * sc) * sc;
-    // v = 0, inf, NaN: v is one of those where bits + 0x7fffffff (wrapping) is not below
-    // 0xff7fffff as a signed integer, i.e. where bits is not in [1, 0x7f7fffff]
-    const uint32_t neg = s.p < 0.0f ? 0xffffffffu : 0u;
-    const T special = (T)((((TU)v) ^ neg) + (neg & 0x7f800001u));
-    return each([](V x, V res, V sp) __attribute__((always_inline)) {
-      const __m256i w = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
-      const __m256i ordinary = _mm256_cmpgt_epi32(_mm256_set1_epi32(-8388609), w);
-      return (V)_mm256_blendv_ps(sp, res, _mm256_castsi256_ps(ordinary));
-    }, v, r, special);  // fmt: skip
+  // te 2^f = te + (te f) q(f), q of degree 2 (D4 = false) or 3
+  template <bool D4>
+  SMES_CPU_INLINE __m256 exp2_poly(__m256 te, __m256 f) {
+    __m256 q;
+    if (D4) {
+      q = fma(f, _mm256_set1_ps(kD4), kD3);
+      q = fma(f, q, kD2);
+      q = fma(f, q, kD1);
+    } else {
+      q = fma(f, _mm256_set1_ps(kE3), kE2);
+      q = fma(f, q, kE1);
+    }
+    return fma(_mm256_mul_ps(te, f), q, te);
+  }
+
+  // The power function's per-tensor constants (computed once per segment: KScalars below).
+  // R = p log2 v + shift (shift = -p log2 bc2) = p/8 y + t + hi + lo, with y = 8 E + k (E the
+  // exponent field, k the top 3 mantissa bits) and t = p (log2(mant) - k / 8 - kMid) (log2_parts):
+  // c = shift - 127 p + kMid p (127 p: the exponent bias, so that y needs no offset) = hi + lo,
+  // hi a multiple of 1/8 and |lo| <= 1/16 (where |c| >= 2^19, for |p| in the thousands, hi = 0
+  // and lo = c; only the general path runs there). The fast path puts lo into its exp2 table
+  // (2^(k/8 + lo)), so that the exp2 polynomial's argument stays small.
+  // Fast path: rm = p/8 y + magic, magic = 1.5 2^20 + hi, has an ulp of 1/8 and the bits of
+  // 1.5 2^20 plus 8 (n + k/8) for n + k/8 = p/8 y + hi rounded to a multiple of 1/8; the rest of
+  // the exponent, fr = (p/8 y + hi - (n + k/8)) + t, is at most 1/16 + 0.105 |p|. In the range
+  // (bits in [lo_bits, hi_bits]) v is normal and R in [-124, 126] for every v of v's binade, so
+  // that n added to an exponent field does not overflow and the result is a normal float.
+  struct PowConsts {
+    float p8, hi, lo, magic;          // p/8, hi, lo, 1.5 2^20 + hi
+    float l1, l2, l3;                 // p kL1, p kL2, p kL3
+    __m256 tab;                       // p (kLog8 - kMid)
+    __m256 exp_tab;                   // the bits of 2^(k/8 + lo) less k << 20
+    uint32_t off, lim;                // in range: (int32)(bits + off) <= (int32)lim
+    int32_t neg;                      // -1 for p < 0
+    bool ok, d4;                      // the fast path may be taken; with exp2 of degree 4
+  };
+  static PowConsts pow_consts(const Scalars& s) {
+    PowConsts c;
+    const double p = s.p, shift = s.log2_shift;
+    const double cc = shift - 127.0 * p + (double)kMid * p;
+    const double hi = __builtin_fabs(cc) < 0x1p19 ? __builtin_rint(cc * 8.0) * 0.125 : 0.0;
+    const double lo = cc - hi;
+    c.p8 = s.p * 0.125f;
+    c.hi = (float)hi;  // exact: a multiple of 1/8 below 2^19
+    c.lo = (float)lo;
+    c.magic = 1572864.0f + c.hi;
+    c.l1 = s.p * kL1, c.l2 = s.p * kL2, c.l3 = s.p * kL3;
+    c.tab = _mm256_mul_ps(_mm256_set1_ps(s.p),
+                          _mm256_sub_ps(_mm256_load_ps(kLog8), _mm256_set1_ps(kMid)));
+    // 2^(k/8 + lo) = 2^(k/8) e^(lo ln 2), the exponential's Taylor series to degree 8 (for
+    // |lo| <= 1/16 its remainder is below 1e-18; no libm call per segment)
+    static constexpr double kExp8d[8] = {1.0, 1.0905077326652577, 1.189207115002721,
+                                         1.2968395546510096, 1.4142135623730951,
+                                         1.5422108254079407, 1.681792830507429,
+                                         1.8340080864093424};
+    const double x = __builtin_fabs(lo) <= 0.0625 ? lo * 0.6931471805599453 : 0.0;
+    double e2 = 1.0;
+    for (int j = 8; j >= 1; --j) e2 = 1.0 + e2 * x / j;
+    alignas(32) float e[8];
+    for (int k = 0; k < 8; ++k) e[k] = (float)(kExp8d[k] * e2);
+    c.exp_tab = flt(_mm256_sub_epi32(
+        bits(_mm256_load_ps(e)),
+        _mm256_setr_epi32(0, 1 << 20, 2 << 20, 3 << 20, 4 << 20, 5 << 20, 6 << 20, 7 << 20)));
+    c.neg = s.p < 0.0f ? -1 : 0;
+    // exponent fields E = e_lo..e_hi (log2 v in [E - 127, E - 126)) with R in [-124, 126]
+    const double a = (-124.0 - shift) / p, b = (126.0 - shift) / p;
+    double e_lo = __builtin_ceil(a < b ? a : b) + 127.0;
+    double e_hi = __builtin_floor(a < b ? b : a) + 126.0;
+    e_lo = e_lo >= 1.0 ? e_lo : 1.0;  // and for NaN
+    e_hi = e_hi <= 254.0 ? e_hi : 254.0;
+    c.ok = __builtin_fabs(p) <= 1.25 && __builtin_fabs(p) >= 0x1p-100 &&
+           __builtin_fabs(cc) < 0x1p18 && e_lo <= e_hi;
+    c.d4 = __builtin_fabs(p) > 0.5;
+    const uint32_t lo_bits = c.ok ? (uint32_t)e_lo << 23 : 0u;
+    const uint32_t hi_bits = c.ok ? ((uint32_t)e_hi + 1u) << 23 : 0u;
+    c.off = 0x80000000u - lo_bits;
+    c.lim = 0x80000000u + (hi_bits - 1u - lo_bits);
+    return c;
+  }
+  // log2 in two parts, for the bits b of v > 0 (or of a normalised denormal, whose exponent field
+  // reads -22..0): y = b >> 20 = 8 E + k (an exact integer) and t = p (log2(mant) - k / 8 - kMid),
+  // log2(mant) - k / 8 = kLog8[k] + log2(1 + f), f = mant kRcp8[k] - 1 (|f| < 0.0589, one
+  // rounding), with p folded into the table and the coefficients.
+  SMES_CPU_INLINE void log2_parts(__m256i b, const PowConsts& c, __m256& y, __m256& t) {
+    const __m256 sh = flt(_mm256_srai_epi32(b, 20));
+    y = _mm256_cvtepi32_ps(bits(sh));
+    const __m256 mant = flt(_mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x007fffff)),
+                                            _mm256_set1_epi32(0x3f800000)));
+    const __m256 f = _mm256_fmsub_ps(mant, lookup(_mm256_load_ps(kRcp8), sh), _mm256_set1_ps(1.0f));
+    __m256 q = fma(f, _mm256_set1_ps(c.l3), c.l2);
+    q = fma(f, q, c.l1);
+    t = fma(f, q, lookup(c.tab, sh));
+  }
+  // nonzero where some v of the block is out of the fast path's range
+  template <int K>
+  SMES_CPU_INLINE __m256i out_of_range(const Block<K>& v, const PowConsts& c) {
+    const __m256i off = _mm256_set1_epi32((int32_t)c.off), lim = _mm256_set1_epi32((int32_t)c.lim);
+    __m256i bad = _mm256_cmpgt_epi32(_mm256_add_epi32(bits((__m256)v.x[0]), off), lim);
+    for (int i = 1; i < K; ++i)
+      bad = _mm256_or_si256(bad,
+                            _mm256_cmpgt_epi32(_mm256_add_epi32(bits((__m256)v.x[i]), off), lim));
+    return bad;
+  }
+  template <bool D4>
+  SMES_CPU_INLINE __m256 pow_fast(__m256 v, const PowConsts& c) {
+    __m256 y, t;
+    log2_parts(bits(v), c, y, t);
+    // rm from y alone; p/8 y - (rm - magic) from one FMA (exact: its result is at most 1/16)
+    const __m256 magic = _mm256_set1_ps(c.magic);
+    const __m256 rm = fma(c.p8, y, magic);
+    const __m256 fr = _mm256_add_ps(fma(c.p8, y, _mm256_sub_ps(magic, rm)), t);
+    // 2^(n + k/8 + lo): rm's bits << 20 are n << 23 plus k << 20 (1.5 2^20's own bits shift
+    // out), which exp_tab has taken off
+    const __m256 te = flt(_mm256_add_epi32(bits(lookup(c.exp_tab, rm)),
+                                           _mm256_slli_epi32(bits(rm), 20)));
+    return exp2_poly<D4>(te, fr);
+  }
+  // Any v, any finite p: R rounded to a multiple of 1/8 (n + k/8) by vroundps and clamped to
+  // [-160, 130], where 2^R rounds to 0 or overflows; the fraction fr = p/8 y + (hi - n - k/8) +
+  // (t + lo), at most 1/16, with p/8 y + (hi - n - k/8) from one FMA as on the fast path.
+  SMES_CPU_INLINE __m256 pow_general(__m256 v, const PowConsts& c) {
+    // Denormals (bits below 2^23, and 0): the bits b convert exactly to b = v 2^149; less 149 in
+    // the exponent field they are those of 2^23 v with 23 taken off the exponent field, which
+    // then reads -22..0 while the mantissa field is that of a normal number.
+    const __m256i b = bits(v);
+    const __m256i scaled = _mm256_sub_epi32(bits(_mm256_cvtepi32_ps(b)),
+                                            _mm256_set1_epi32(149 << 23));
+    const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), b);
+    __m256 y, t;
+    log2_parts(bits(_mm256_blendv_ps(v, flt(scaled), flt(tiny))), c, y, t);
+    const __m256 hi = _mm256_set1_ps(c.hi);
+    t = _mm256_add_ps(t, _mm256_set1_ps(c.lo));
+    __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_add_ps(fma(c.p8, y, t), hi),
+                                             _mm256_set1_ps(8.0f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // 8 (n + k/8)
+    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-1280.0f)), _mm256_set1_ps(1040.0f));
+    // the fraction, clamped where R was (there the result is 0 or inf whatever it is)
+    __m256 fr = _mm256_add_ps(
+        fma(c.p8, y, _mm256_fnmadd_ps(r, _mm256_set1_ps(0.125f), hi)), t);  // hi - r/8: exact
+    fr = _mm256_min_ps(_mm256_max_ps(fr, _mm256_set1_ps(-0.125f)), _mm256_set1_ps(0.125f));
+    const __m256i n8 = _mm256_cvtps_epi32(r);
+    const __m256i n = _mm256_srai_epi32(n8, 3);  // [-160, 130]: n1, n2 >= -80
+    const __m256i n1 = _mm256_srai_epi32(n, 1), n2 = _mm256_sub_epi32(n, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    r = exp2_poly<true>(lookup(_mm256_load_ps(kExp8), flt(n8)), fr);
+    r = _mm256_mul_ps(r, flt(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23)));
+    r = _mm256_mul_ps(r, flt(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23)));
+    // v = 0, inf, NaN (and any negative v, which v never is): v itself for p > 0; for p < 0 the
+    // bits 0x7f800000 - v (0 <-> inf, a NaN stays a NaN), as ~v + 0x7f800001. v is one of those
+    // where bits + 0x7fffffff (wrapping) is not below 0xff7fffff as a signed integer, i.e. where
+    // bits is not in [1, 0x7f7fffff].
+    const __m256i neg = _mm256_set1_epi32(c.neg);
+    const __m256i special = _mm256_add_epi32(
+        _mm256_xor_si256(b, neg), _mm256_and_si256(neg, _mm256_set1_epi32(0x7f800001)));
+    const __m256i w = _mm256_add_epi32(b, _mm256_set1_epi32(0x7fffffff));
+    const __m256i ordinary = _mm256_cmpgt_epi32(_mm256_set1_epi32(-8388609), w);
+    return _mm256_blendv_ps(flt(special), r, flt(ordinary));
+  }
+  // (v / bc2)^p = 2^R, R = p log2 v + shift, for a block of K vectors; s: KScalars. The fast path
+  // runs first, unconditionally, so that no branch on v precedes the power's chains; the general
+  // path redoes the block where any v is out of range (rare: v = 0, denormal v, extreme v / bc2).
+  template <int K, class S>
+  SMES_CPU_INLINE Block<K> pow_hat(const Block<K>& v, const S& s) {
+    const PowConsts& c = s.pow;
+    Block<K> r;
+    if (c.d4) {
+      for (int i = 0; i < K; ++i) r.x[i] = (V)pow_fast<true>((__m256)v.x[i], c);
+    } else {
+      for (int i = 0; i < K; ++i) r.x[i] = (V)pow_fast<false>((__m256)v.x[i], c);
+    }
+    const __m256i bad = out_of_range(v, c);
+    if (!c.ok || !_mm256_testz_si256(bad, bad)) {
+      for (int i = 0; i < K; ++i) r.x[i] = (V)pow_general((__m256)v.x[i], c);
+    }
+    return r;
+  }
+  template <class S>
+  SMES_CPU_INLINE V pow_hat(V v, const S& s) {
+    return pow_hat(Block<1>{{v}}, s).x[0];
   }
 #else
   // log2 x = e + l: e integral (exact; -inf at 0, x itself at inf/NaN), l = log2(mant), mant in
@@ -357,6 +485,20 @@ struct VecMath {
 #endif
   }
 #endif
+};
+
+// The step's scalars, with the power function's per-tensor constants where it has any (AVX2).
+struct KScalars : Scalars {
+#if SMES_W == 8
+  VecMath::PowConsts pow;
+#endif
+  explicit KScalars(const Scalars& s, bool general_p) : Scalars(s) {
+#if SMES_W == 8
+    if (general_p) pow = VecMath::pow_consts(s);
+#else
+    (void)general_p;
+#endif
+  }
 };
 
 // Loads and stores of W elements, converting to and from float32.
@@ -446,22 +588,16 @@ SMES_CPU_INLINE void store_theta_n(P* p, V x, int n, const TensorJob& j, int64_t
   __builtin_memcpy(p, buf, n * sizeof(P));
 }
 
-// Blocks of kBlock vectors as one GCC vector (segment, AVX2 at general p).
+// Blocks of kBlock vectors (segment, AVX2 at general p).
 template <class VB, class T>
 SMES_CPU_INLINE VB load_block(const T* p) {
-  constexpr int K = sizeof(VB) / sizeof(V);
-  V x[K];
-  for (int k = 0; k < K; ++k) x[k] = load(p + k * W);
   VB r;
-  __builtin_memcpy(&r, x, sizeof r);
+  for (int k = 0; k < (int)(sizeof(VB) / sizeof(V)); ++k) r.x[k] = load(p + k * W);
   return r;
 }
 template <class VB, class T>
-SMES_CPU_INLINE void store_block(T* p, VB b) {
-  constexpr int K = sizeof(VB) / sizeof(V);
-  V x[K];
-  __builtin_memcpy(x, &b, sizeof b);
-  for (int k = 0; k < K; ++k) store(p + k * W, x[k]);
+SMES_CPU_INLINE void store_block(T* p, const VB& b) {
+  for (int k = 0; k < (int)(sizeof(VB) / sizeof(V)); ++k) store(p + k * W, b.x[k]);
 }
 #ifndef SMES_AVX2_BLOCK
 #define SMES_AVX2_BLOCK 4
@@ -485,15 +621,15 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
     S* __restrict__ mp = static_cast<S*>(j.m) + lo;
     S* __restrict__ vp = TV ? static_cast<S*>(j.v) + lo : nullptr;
     S* __restrict__ xp = AMS ? static_cast<S*>(j.vmax) + lo : nullptr;
-    const Scalars s = j.s;
+    const KScalars s(j.s, PC == P_GENERAL);
     const int64_t n = hi - lo;
     int64_t i = 0;
     V v = {}, x = {};
 #if SMES_W == 8
     if constexpr (PC == P_GENERAL) {
-      // AVX2, general p: kBlock vectors per call of the rule, as one wide GCC vector, so that
-      // their dependency chains interleave instruction by instruction (see VecMath::pow_hat).
-      typedef float VB __attribute__((vector_size(sizeof(V) * kBlock)));
+      // AVX2, general p: kBlock vectors per call of the rule (a Block), whose dependency chains
+      // the out-of-order core overlaps (see VecMath::pow_hat).
+      typedef Block<kBlock> VB;
       VB vb = {}, xb = {};
       for (; i + kBlock * W <= n; i += kBlock * W) {
         if (kPrefetch > 0) {
@@ -508,9 +644,7 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
         if (AMS) xb = load_block<VB>(xp + i);
         smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, vb, xb, s);
         if (j.sr) {
-          V x[kBlock];
-          __builtin_memcpy(x, &th, sizeof th);
-          for (int b = 0; b < kBlock; ++b) store_theta(pp + i + b * W, x[b], j, lo + i + b * W);
+          for (int b = 0; b < kBlock; ++b) store_theta(pp + i + b * W, th.x[b], j, lo + i + b * W);
         } else {
           store_block(pp + i, th);
         }
@@ -607,7 +741,7 @@ void proj_stats_segment(const TensorJob& j, int64_t lo, int64_t hi) {
   if constexpr (PC != P_ZERO && !TV) {
     return;  // rejected by the binding: p != 0 needs v
   } else {
-    const Scalars s = j.s;
+    const KScalars s(j.s, PC == P_GENERAL);
     const int64_t len = j.row_len;
     for (int64_t a = lo; a < hi;) {
       const int64_t r = a / len;
@@ -663,7 +797,7 @@ void proj_apply_segment(const TensorJob& j, int64_t lo, int64_t hi) {
   if constexpr (PC != P_ZERO && !TV) {
     return;
   } else {
-    const Scalars s = j.s;
+    const KScalars s(j.s, PC == P_GENERAL);
     const int64_t len = j.row_len;
     for (int64_t a = lo; a < hi;) {
       const int64_t r = a / len;

@@ -154,12 +154,14 @@ SMES_HD int variant_code(double p, double wd, int flags) {
 
 // The parts of one SMES step on one value (element or SIMD register), shared by the plain step
 // and the projection's two passes (SPEC §4). `v`/`vmax` are only touched when the variant tracks
-// them; with P_ZERO, v is updated when tracked (exponent schedules) but not read.
+// them; with P_ZERO, v is updated when tracked (exponent schedules) but not read. `s`: Scalars, or
+// a kernel's extension of it with constants of its own (derived from Scalars once per tensor)
+// that M's functions read.
 
 // Moments: g <- g * gmul (maximize, 1/grad_scale), then L2; m, v, vmax updated. Returns v-hat's
 // source (v or vmax; unspecified when v is not tracked). `g` leaves holding the gradient after L2.
-template <bool TV, bool AMS, bool L2, class M, class T>
-SMES_HD T smes_moments(T th, T& g, T& m, T& v, T& vmax, const Scalars& s) {
+template <bool TV, bool AMS, bool L2, class M, class T, class S>
+SMES_HD T smes_moments(T th, T& g, T& m, T& v, T& vmax, const S& s) {
   if (L2) g = g + s.l2 * th;       // L2: g + lambda * theta
   m = s.beta1 * m + s.omb1 * g;
   T vv = m;
@@ -175,8 +177,8 @@ SMES_HD T smes_moments(T th, T& g, T& m, T& v, T& vmax, const Scalars& s) {
 }
 
 // The update direction u = m / D (SPEC §1), without the step size.
-template <int PC, class M, class T>
-SMES_HD T smes_direction(T m, T vv, const Scalars& s) {
+template <int PC, class M, class T, class S>
+SMES_HD T smes_direction(T m, T vv, const S& s) {
   if (PC == P_ZERO) {
     return m / s.d0;
   } else if (PC == P_HALF) {
@@ -191,8 +193,8 @@ SMES_HD T smes_direction(T m, T vv, const Scalars& s) {
 }
 
 // One SMES step on one value.
-template <int PC, bool TV, bool AMS, bool L2, class M, class T>
-SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const Scalars& s) {
+template <int PC, bool TV, bool AMS, bool L2, class M, class T, class S>
+SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const S& s) {
   g = g * s.gmul;                  // maximize, then 1/grad_scale (both exact when 1)
   T vv = smes_moments<TV, AMS, L2, M>(th, g, m, v, vmax, s);
   th = th * s.decay;               // decoupled: theta * (1 - lr * lambda); exact when 1

@@ -700,19 +700,25 @@ def _power_sweep_row(v, p, bc2):
 
 
 # p as float32 values (the kernel's p is float32, SPEC §1), so that the error measured is the
-# power function's own; |p| up to 1
+# power function's own; |p| up to 1, and either side of the AVX2 kernel's thresholds (its exp2
+# polynomial's degree changes at |p| = 1/2, its fast path ends at |p| = 1.25)
 _SWEEP_P = [float(torch.tensor(x, dtype=torch.float32)) for x in
-            (-1.0, -0.5, -0.3, -0.08, 0.1, 0.25, 0.37, 0.75, 1.0)]  # fmt: skip
+            (-1.0, -0.5, -0.3, -0.08, 0.1, 0.25, 0.37, 0.75, 1.0, 0.49999997, 0.50000006, -1.25,
+             1.2500001)]  # fmt: skip
 
 
+@pytest.mark.parametrize("layout", ["shuffled", "sorted", "zero_in_every_vector"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_power_accuracy_whole_float_range(monkeypatch, isa):
+def test_power_accuracy_whole_float_range(monkeypatch, isa, layout):
     """(v/bc2)^p over every float32 v: denormal (from 1.4e-45), normal up to 3.4e38, and 0, for
-    |p| up to 1, through the update m / (v̂^p + ε) with ε = 2^-149, judged against float64 on the
-    v the kernel stored (0.999 v rounded to float32, which is all float32 can hold of a denormal
-    v): relative error at most 2e-6 where v̂^p is a normal float32, one ulp of 2^-149 more where
-    it is denormal, an update of exactly 0 where v̂^p overflows and for p < 0 at v = 0,
-    never NaN."""
+    |p| up to 1 (and 1.25), through the update m / (v̂^p + ε) with ε = 2^-149, judged against
+    float64 on the v the kernel stored (0.999 v rounded to float32, which is all float32 can hold
+    of a denormal v): relative error at most 2e-6 where v̂^p is a normal float32, one ulp of
+    2^-149 more where it is denormal, an update of exactly 0 where v̂^p overflows and for p < 0
+    at v = 0, never NaN. The AVX2 kernel takes its fast path for blocks of 32 v that are all in
+    its range and its general path for the others: "sorted" puts nearly every v in a block of
+    its own kind (the fast path wherever v is in range), "zero_in_every_vector" sends every v
+    through the general path, "shuffled" mixes them."""
     monkeypatch.setenv("SMES_CPU_ISA", isa)
     if _ops.cpu_isa() != isa and isa != "avx512":
         pytest.skip(f"this CPU does not run the {isa} kernels")
@@ -722,6 +728,11 @@ def test_power_accuracy_whole_float_range(monkeypatch, isa):
     tiny = torch.tensor([0.0, 1e-45, 3e-45, 1e-40, 1.1754942e-38, 1.1754944e-38, 1e-30, 1.0,
                          3.4028235e38, 1e38])  # fmt: skip
     v = torch.cat([tiny, v])
+    if layout == "sorted":
+        v = torch.cat([tiny[:1], v[1:].sort().values])
+    elif layout == "zero_in_every_vector":
+        v = v.clone()
+        v[8::8] = 0.0
     bc2 = 1 - 0.999
     fmax = float(torch.finfo(torch.float32).max)
     for p in _SWEEP_P:
@@ -766,6 +777,6 @@ def test_avx2_power_tables_match_their_definition():
     k = np.arange(8)
     rcp = (1 / (1 + (k + 0.5) / 8)).astype(np.float32)
     np.testing.assert_array_equal(table("kRcp8"), rcp)
-    log = -np.log2(rcp.astype(np.float64))
+    log = -np.log2(rcp.astype(np.float64)) - k / 8
     np.testing.assert_array_equal(table("kLog8"), log.astype(np.float32))
-    np.testing.assert_array_equal(table("kExp8"), (2.0 ** (k / 4)).astype(np.float32))
+    np.testing.assert_array_equal(table("kExp8"), (2.0 ** (k / 8)).astype(np.float32))

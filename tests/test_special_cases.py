@@ -169,13 +169,24 @@ def test_sgdp(backend, kind):
 
 
 def test_sgdp_projects_its_momentum_buffer():
-    """What the copy above changes, shown: adamp.SGDP's stored momentum is the projected one."""
+    """What the copy above changes, shown: adamp.SGDP's stored momentum is the projected one. A
+    radial gradient (no projection) then an orthogonal one (projected): the buffer is not
+    μ·buf + (1 − dampening)·g, it lost its component along θ."""
     adamp = pytest.importorskip("adamp")
+    gen = torch.Generator().manual_seed(0)
     p = torch.randn(8, 5, requires_grad=True)
     opt = adamp.SGDP([p], lr=0.1, momentum=0.9, dampening=0.9)
-    p.grad = _grad(p.detach(), "channel", torch.Generator().manual_seed(0))
+    p.grad = _grad(p.detach(), "radial", gen)
     opt.step()
-    assert not torch.allclose(opt.state[p]["momentum"], 0.1 * p.grad)
+    buf = opt.state[p]["momentum"].clone()
+    theta = p.detach().clone()
+    p.grad = _grad(theta, "channel", gen)
+    opt.step()
+    plain = 0.9 * buf + 0.1 * p.grad
+    assert not torch.allclose(opt.state[p]["momentum"], plain)
+    # what it lost is the radial part: its rows are orthogonal to θ (of before the step)
+    rows = (opt.state[p]["momentum"] * theta).sum(1)
+    assert rows.abs().max() < 1e-5 * (plain * theta).sum(1).abs().max()
 
 
 def test_projection_triggers_as_intended():
