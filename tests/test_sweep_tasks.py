@@ -213,7 +213,7 @@ def test_task_defaults_paper_constants_and_explicit_options():
     cfg, n, _, tag = sweep.resolve(parse(["--data", "wilson"]))
     assert (cfg.batch_size, cfg.weight_decay, cfg.epochs, n) == (0, 0.0, 1000, 100)
     assert len(cfg.exponents) == 17 and cfg.exponents[0] == -0.3 and cfg.exponents[-1] == 0.5
-    assert tag == "sweep_wilson"
+    assert tag == "sweep_wilson_n100"
     cfg, n, _, tag = sweep.resolve(parse(["--data", "mnist5k", "--model", "mlp", "--no-batchnorm"]))
     assert (n, cfg.epochs, cfg.lr_mults, tag) == (
         1000,
@@ -242,7 +242,7 @@ def test_quick_wilson_reproduces_the_papers_two_outcomes(tmp_path, capsys):
     labels them all +1, so its test error is the share of negatives."""
     args = ["--data", "wilson", "--quick", "--out", str(tmp_path), "--no-progress"]
     assert sweep.main(args) == 0
-    rows = {float(r["p"]): r for r in _read_csv(tmp_path / "sweep_wilson.csv")}
+    rows = {float(r["p"]): r for r in _read_csv(tmp_path / "sweep_wilson_n100.csv")}
     assert set(rows) == {0.0, 0.5}
     sgd, adam = rows[0.0], rows[0.5]
     assert float(sgd["train_acc"]) == 1.0 and float(adam["train_acc"]) == 1.0
@@ -255,10 +255,10 @@ def test_quick_wilson_reproduces_the_papers_two_outcomes(tmp_path, capsys):
     ratios = {k for k in sgd if k.startswith("ratio_")}
     assert ratios == {"ratio_label", "ratio_const", "ratio_unique"}
     assert all(math.isfinite(float(sgd[k])) for k in sgd if k.startswith("ratio_"))
-    assert len(_read_csv(tmp_path / "sweep_wilson_epochs.csv")) == 2 * 2  # rows at 100, 200
-    paired = _read_csv(tmp_path / "sweep_wilson_paired.csv")
+    assert len(_read_csv(tmp_path / "sweep_wilson_n100_epochs.csv")) == 2 * 2  # rows at 100, 200
+    paired = _read_csv(tmp_path / "sweep_wilson_n100_paired.csv")
     assert {(float(r["p"]), float(r["ref_p"])) for r in paired} == {(0.5, 0.0), (0.0, 0.5)}
-    for name in ("sweep_wilson_accuracy.png", "sweep_wilson_layers.png"):
+    for name in ("sweep_wilson_n100_accuracy.png", "sweep_wilson_n100_layers.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out

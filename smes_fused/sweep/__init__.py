@@ -71,8 +71,8 @@ Paired comparison
     error), a two-sided paired t-test, and how many seeds came out higher and lower.
 
 Outputs (in ``--out``, default ``runs/sweep/``, which git ignores; file names start with ``--tag``:
-``sweep``, ``sweep_wilson``, ``sweep_mnist5k_<model>[-bn]_n<train size>``, + ``_paper`` with
-``--paper-constants``)
+``sweep``, ``sweep_wilson_n<train size>``, ``sweep_mnist5k_<model>[-bn]_n<train size>``, each
++ ``_paper`` with ``--paper-constants``)
     ``<tag>.csv``          one row per (p, seed) at the selected lr: metrics + ratio_<layer>
     ``<tag>_runs.csv``     every run of the lr grid (same columns)
     ``<tag>_epochs.csv``   per epoch (``--log-every``) of every run: running train loss/acc, val

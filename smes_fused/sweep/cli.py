@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--tag",
         default=None,
-        help="output file prefix (default sweep; wilson: sweep_wilson; mnist5k: "
+        help="output file prefix (default sweep; wilson: sweep_wilson_n<train size>; mnist5k: "
         "sweep_mnist5k_<model>[-bn]_n<train size>; _paper appended with "
         "--paper-constants)",
     )
@@ -273,7 +273,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, int | None, int, str]:
     tag = args.tag
     if tag is None:
         if kind == "wilson":
-            tag = "sweep_wilson"
+            tag = f"sweep_wilson_n{train_size}"
         elif kind == "mnist5k":
             bn = "-bn" if cfg.batchnorm else ""
             tag = f"sweep_mnist5k_{cfg.model}{bn}_n{train_size}"

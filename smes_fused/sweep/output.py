@@ -181,7 +181,8 @@ def paired_table(rows: list[dict], refs: tuple[float, ...] = PAIRED_REFS) -> str
                 continue
             sd = "" if math.isnan(c["std"]) else f" ± {100 * c['std']:.2f}"
             pv = "" if math.isnan(c["p_value"]) else f"{c['p_value']:.3f}"
-            line += [f"{100 * c['mean']:+.2f}{sd}", pv, f"{c['higher']}/{c['lower']}"]
+            mean = round(100 * c["mean"], 2) + 0.0  # no "-0.00"
+            line += [f"{mean:+.2f}{sd}", pv, f"{c['higher']}/{c['lower']}"]
         body.append(line)
     lines = _format_table(head, body)
     n = max((c["n"] for comp in comps.values() for c in comp.values()), default=0)
