@@ -715,10 +715,10 @@ def test_power_accuracy_whole_float_range(monkeypatch, isa, layout):
     float64 on the v the kernel stored (0.999 v rounded to float32, which is all float32 can hold
     of a denormal v): relative error at most 2e-6 where v̂^p is a normal float32, one ulp of
     2^-149 more where it is denormal, an update of exactly 0 where v̂^p overflows and for p < 0
-    at v = 0, never NaN. The AVX2 kernel takes its fast path for blocks of 32 v that are all in
-    its range and its general path for the others: "sorted" puts nearly every v in a block of
-    its own kind (the fast path wherever v is in range), "zero_in_every_vector" sends every v
-    through the general path, "shuffled" mixes them."""
+    at v = 0, never NaN. The AVX2 kernel takes a fast path for v in a range that depends on p
+    and bc2 (where v̂^p is normal) and a general path for the other v and for |p| > 1.25
+    (1.2500001 here: every v): "sorted" gives it blocks of in-range v (no general path), and
+    "zero_in_every_vector" makes every block blend the general path's lanes in."""
     monkeypatch.setenv("SMES_CPU_ISA", isa)
     if _ops.cpu_isa() != isa and isa != "avx512":
         pytest.skip(f"this CPU does not run the {isa} kernels")
