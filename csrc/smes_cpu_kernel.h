@@ -177,9 +177,9 @@ struct VecMath {
   }
 #elif SMES_W == 8
   // AVX2 + FMA. AVX2 has no getexp, getmant, scalef or fixupimm; pow_hat takes one of two paths
-  // for a block of vectors:
-  // - pow_fast, where every v of the block is a normal float in a per-tensor range of bits where
-  //   (v / bc2)^p is a normal float too (one integer compare per vector, one branch per block):
+  // for each v:
+  // - pow_fast, for v a normal float in a per-tensor range of bits where (v / bc2)^p is a normal
+  //   float too (one integer compare per vector, one branch per block for the others):
   //   no special values, no clamps, 2^n added to the exponent field of a table entry, and the
   //   exponent rounded early (from the exponent field alone), so that the rounding does not wait
   //   for the log2 polynomial. 21 or 22 vector instructions per vector, and 3 for the range.
@@ -317,15 +317,10 @@ struct VecMath {
     q = fma(f, q, c.l1);
     t = fma(f, q, lookup(c.tab, sh));
   }
-  // nonzero where some v of the block is out of the fast path's range
-  template <int K>
-  SMES_CPU_INLINE __m256i out_of_range(const Block<K>& v, const PowConsts& c) {
-    const __m256i off = _mm256_set1_epi32((int32_t)c.off), lim = _mm256_set1_epi32((int32_t)c.lim);
-    __m256i bad = _mm256_cmpgt_epi32(_mm256_add_epi32(bits((__m256)v.x[0]), off), lim);
-    for (int i = 1; i < K; ++i)
-      bad = _mm256_or_si256(bad,
-                            _mm256_cmpgt_epi32(_mm256_add_epi32(bits((__m256)v.x[i]), off), lim));
-    return bad;
+  // all ones where v is out of the fast path's range
+  SMES_CPU_INLINE __m256i out_of_range(__m256 v, const PowConsts& c) {
+    return _mm256_cmpgt_epi32(_mm256_add_epi32(bits(v), _mm256_set1_epi32((int32_t)c.off)),
+                              _mm256_set1_epi32((int32_t)c.lim));
   }
   template <bool D4>
   SMES_CPU_INLINE __m256 pow_fast(__m256 v, const PowConsts& c) {
@@ -382,9 +377,23 @@ struct VecMath {
     const __m256i ordinary = _mm256_cmpgt_epi32(_mm256_set1_epi32(-8388609), w);
     return _mm256_blendv_ps(flt(special), r, flt(ordinary));
   }
+  // pow_hat's rare path: lanes out of the fast path's range take the general path's result. The
+  // masks are computed again here (the empty asm hides v from GCC's value numbering): kept from
+  // the test, they cost the common path 4 registers and 10% of the general-p step.
+  template <int K>
+  SMES_CPU_INLINE void pow_fixup(const Block<K>& v, Block<K>& r, const PowConsts& c) {
+    for (int i = 0; i < K; ++i) {
+      __m256 vi = (__m256)v.x[i];
+      __asm__("" : "+x"(vi));
+      const __m256 m = c.ok ? flt(out_of_range(vi, c)) : flt(_mm256_set1_epi32(-1));
+      r.x[i] = (V)_mm256_blendv_ps((__m256)r.x[i], pow_general((__m256)v.x[i], c), m);
+    }
+  }
   // (v / bc2)^p = 2^R, R = p log2 v + shift, for a block of K vectors; s: KScalars. The fast path
-  // runs first, unconditionally, so that no branch on v precedes the power's chains; the general
-  // path redoes the block where any v is out of range (rare: v = 0, denormal v, extreme v / bc2).
+  // runs first, unconditionally, so that no branch on v precedes the power's chains; where a
+  // vector has v out of range (rare: v = 0, denormal v, extreme v / bc2), those lanes take the
+  // general path's result. Each element's result depends on its own v alone, never on the
+  // block it shares (bit-identical steps however a tensor is split: FSDP shards, segments).
   template <int K, class S>
   SMES_CPU_INLINE Block<K> pow_hat(const Block<K>& v, const S& s) {
     const PowConsts& c = s.pow;
@@ -394,10 +403,9 @@ struct VecMath {
     } else {
       for (int i = 0; i < K; ++i) r.x[i] = (V)pow_fast<false>((__m256)v.x[i], c);
     }
-    const __m256i bad = out_of_range(v, c);
-    if (!c.ok || !_mm256_testz_si256(bad, bad)) {
-      for (int i = 0; i < K; ++i) r.x[i] = (V)pow_general((__m256)v.x[i], c);
-    }
+    __m256i any = out_of_range((__m256)v.x[0], c);
+    for (int i = 1; i < K; ++i) any = _mm256_or_si256(any, out_of_range((__m256)v.x[i], c));
+    if (__builtin_expect(!c.ok || !_mm256_testz_si256(any, any), 0)) pow_fixup(v, r, c);
     return r;
   }
   template <class S>
@@ -651,6 +659,34 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
         store_block(mp + i, m);
         store_block(vp + i, vb);
         if (AMS) store_block(xp + i, xb);
+      }
+      // The rest as blocks of one vector: the same code for every element, so that a step is
+      // bit-identical however a tensor is split (FSDP shards, thread segments). GCC contracts
+      // a Block's a * b + c * d into an FMA the same way for every K, not always as for a V
+      // (it evaluates an overloaded operator's operands in another order).
+      typedef Block<1> V1;
+      V1 v1 = {}, x1 = {};
+      for (; i + W <= n; i += W) {
+        V1 th = {{load(pp + i)}}, g = {{load(gp + i)}}, m = {{load(mp + i)}};
+        v1.x[0] = load(vp + i);
+        if (AMS) x1.x[0] = load(xp + i);
+        smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, v1, x1, s);
+        store(pp + i, th.x[0]);
+        store(mp + i, m.x[0]);
+        store(vp + i, v1.x[0]);
+        if (AMS) store(xp + i, x1.x[0]);
+      }
+      if (i < n) {
+        const int r = (int)(n - i);
+        V1 th = {{load_n(pp + i, r)}}, g = {{load_n(gp + i, r)}}, m = {{load_n(mp + i, r)}};
+        v1.x[0] = load_n(vp + i, r);
+        if (AMS) x1.x[0] = load_n(xp + i, r);
+        smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, v1, x1, s);
+        store_n(pp + i, th.x[0], r);
+        store_n(mp + i, m.x[0], r);
+        store_n(vp + i, v1.x[0], r);
+        if (AMS) store_n(xp + i, x1.x[0], r);
+        i = n;
       }
     }
 #endif

@@ -715,10 +715,10 @@ def test_power_accuracy_whole_float_range(monkeypatch, isa, layout):
     float64 on the v the kernel stored (0.999 v rounded to float32, which is all float32 can hold
     of a denormal v): relative error at most 2e-6 where v̂^p is a normal float32, one ulp of
     2^-149 more where it is denormal, an update of exactly 0 where v̂^p overflows and for p < 0
-    at v = 0, never NaN. The AVX2 kernel takes its fast path for blocks of 32 v that are all in
-    its range and its general path for the others: "sorted" puts nearly every v in a block of
-    its own kind (the fast path wherever v is in range), "zero_in_every_vector" sends every v
-    through the general path, "shuffled" mixes them."""
+    at v = 0, never NaN. The AVX2 kernel takes a fast path for v in a range that depends on p
+    and bc2 (where v̂^p is normal) and a general path for the other v and for |p| > 1.25
+    (1.2500001 here: every v): "sorted" gives it blocks of in-range v (no general path), and
+    "zero_in_every_vector" makes every block blend the general path's lanes in."""
     monkeypatch.setenv("SMES_CPU_ISA", isa)
     if _ops.cpu_isa() != isa and isa != "avx512":
         pytest.skip(f"this CPU does not run the {isa} kernels")
@@ -757,6 +757,29 @@ def test_power_accuracy_whole_float_range(monkeypatch, isa, layout):
         assert worst <= 1.0
         if p < 0:
             assert got[0] == 0.0, "p < 0, v = 0: the update is exactly 0"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_step_does_not_depend_on_how_the_tensor_is_split(monkeypatch, isa):
+    """Each element's step depends on its own state alone: the same bits whether it is stepped in
+    one tensor or in a slice starting elsewhere (FSDP shards, thread segments), wherever it falls
+    in the kernel's blocks and tails, with v = 0 and denormal v among its neighbours."""
+    monkeypatch.setenv("SMES_CPU_ISA", isa)
+    n = 200
+    for p, kw in ((-0.08, {}), (0.37, {"amsgrad": True}), (1.0, {"decoupled": False}), (2.0, {})):
+        h = hyper(p, **kw)
+        st = make_state([n], h, seed=3)
+        st[0][3][::7] = 0.0
+        st[0][3][3::11] = 1e-41
+        full = clone_state(st)
+        apply("cpu", full, [h], torch.float32)
+        for off in range(1, 41):
+            part = [[None if t is None else (t[off:] if t.dim() else t).clone() for t in st[0]]]
+            apply("cpu", part, [h], torch.float32)
+            for a, b in zip(full[0][:5], part[0][:5], strict=True):
+                if a is not None:
+                    assert torch.equal(a[off:].view(torch.int32), b.view(torch.int32)), (p, off)
+    monkeypatch.delenv("SMES_CPU_ISA")
 
 
 def test_avx2_power_tables_match_their_definition():
