@@ -78,6 +78,8 @@ def _compile(v):
         AMSGRAD=ams,
         MAXIMIZE=mx,
         BLOCK_SIZE=block,
+        PHASE=0,
+        STOCHASTIC=False,
     )
     sig = {
         "addr_ptr": "*i64",
@@ -85,6 +87,7 @@ def _compile(v):
         "block_map_ptr": "*i32",
         "grad_scale_ptr": "*fp32",
         "found_inf_ptr": "*fp32",
+        "rows_ptr": "*fp32",
         **{k: "constexpr" for k in consts},
     }
     # The table buffers, and grad_scale / found_inf (16-byte aligned, defaults included).

@@ -359,7 +359,7 @@ def test_registered_op_opcheck():
     a, _ = _pair([(5,), (3,)], [h, h])
     values, lrs = smes_op.flatten_groups([h])
     args = (a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, [], a.steps, values, lrs, [0, 0],
-            [2, 1, 1, 0, 0], None, None)  # fmt: skip
+            [2, 1, 1, 0, 0, 0, 0], None, None)  # fmt: skip
     torch.library.opcheck(
         torch.ops.smes_fused.triton_step_.default,
         args,
