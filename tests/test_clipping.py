@@ -5,38 +5,21 @@ found_inf, the returned norm, bad input."""
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import oracle
 import pytest
 import torch
+from _backends import require, use_triton_interpreter
 from torch.testing import assert_close
 
-import smes_fused
 from smes_fused import SMES
 
-
-def _use_triton_interpreter() -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        kernels = importlib.import_module("smes_fused.triton_kernels.smes")
-    except ImportError:
-        return
-    if not kernels.INTERPRET:
-        importlib.reload(kernels)
-
-
-_use_triton_interpreter()
+use_triton_interpreter()
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
 
 @pytest.fixture(params=["reference", "foreach", "cpu", "triton"])
 def backend(request) -> str:
-    why = smes_fused.available_backends().get(request.param, "not registered in this build")
-    if why is not None:
-        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
-    return request.param
+    return require(request.param)
 
 
 SHAPES = [(40, 12), (12,), (3, 5, 2), (0,)]

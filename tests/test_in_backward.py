@@ -5,33 +5,20 @@ dicts in SMES's format both ways, and the errors for what it cannot do."""
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import sys
 
 import pytest
 import torch
+from _backends import require, use_triton_interpreter
 from torch import nn
 from torch.optim import lr_scheduler
 from torch.testing import assert_close
 
-import smes_fused
 from smes_fused import SMES, CosineExponent, depth_param_groups
 from smes_fused.in_backward import InBackwardSMES, attach
 
-
-def _use_triton_interpreter() -> None:
-    """As tests/test_triton.py: TRITON_INTERPRET=1 before the kernels are created, and left set."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        kernels = importlib.import_module("smes_fused.triton_kernels.smes")
-    except ImportError:
-        return
-    if not kernels.INTERPRET:
-        importlib.reload(kernels)
-
-
-_use_triton_interpreter()
+use_triton_interpreter()
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
 BACKENDS = ["reference", "foreach", "cpu", "triton"]
@@ -39,10 +26,7 @@ BACKENDS = ["reference", "foreach", "cpu", "triton"]
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
-    why = smes_fused.available_backends().get(request.param, "not registered in this build")
-    if why is not None:
-        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
-    return request.param
+    return require(request.param)
 
 
 class Net(nn.Module):

@@ -5,37 +5,20 @@ every backend, and nothing changed for other dtypes."""
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from _backends import require, use_triton_interpreter
 
-import smes_fused
 from smes_fused import SMES
 from smes_fused._rounding import round_to_bf16, tensor_key
 
-
-def _use_triton_interpreter() -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        kernels = importlib.import_module("smes_fused.triton_kernels.smes")
-    except ImportError:
-        return
-    if not kernels.INTERPRET:
-        importlib.reload(kernels)
-
-
-_use_triton_interpreter()
+use_triton_interpreter()
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
 
 @pytest.fixture(params=["reference", "foreach", "cpu", "triton"])
 def backend(request) -> str:
-    why = smes_fused.available_backends().get(request.param, "not registered in this build")
-    if why is not None:
-        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
-    return request.param
+    return require(request.param)
 
 
 def test_definition_is_unbiased_and_keeps_specials():

@@ -13,31 +13,18 @@ The "triton" backend runs the real kernels under Triton's interpreter (see tests
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import os
 import zlib
 
 import oracle
 import pytest
 import torch
+from _backends import require, use_triton_interpreter
 from torch.testing import assert_close
 
-import smes_fused
 from smes_fused import SMES
 
-
-def _use_triton_interpreter() -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        kernels = importlib.import_module("smes_fused.triton_kernels.smes")
-    except ImportError:
-        return
-    if not kernels.INTERPRET:
-        importlib.reload(kernels)
-
-
-_use_triton_interpreter()
+use_triton_interpreter()
 
 BACKENDS = ["reference", "foreach", "cpu", "triton"]
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
@@ -45,10 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:Runti
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
-    why = smes_fused.available_backends().get(request.param, "not registered in this build")
-    if why is not None:
-        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
-    return request.param
+    return require(request.param)
 
 
 SHAPES = [(16, 12), (6, 3, 3, 3), (20,), (1, 30)]
