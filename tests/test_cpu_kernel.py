@@ -429,6 +429,36 @@ def test_16bit_state(dtype):
                     torch.testing.assert_close(x[k].float(), y[k].float(), rtol=8e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit_storage_conversions_are_torchs(monkeypatch, isa, dtype):
+    """Loads and stores of 16-bit params and state give exactly torch's conversions (round to
+    nearest even, inf and NaN kept): from zero state with lr = 0, m = (1 - β1) g and
+    v = (1 - β2) g² are single float32 roundings and θ is stored back unchanged. p = 0.5 and
+    −0.08 run different loops of the AVX2 kernel, whose conversions are intrinsics."""
+    monkeypatch.setenv("SMES_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(11)
+    n = 20011
+    th = torch.randn(n, generator=gen) * torch.exp(torch.empty(n).uniform_(-8, 8, generator=gen))
+    th[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
+    g = torch.randn(n, generator=gen) * torch.exp(torch.empty(n).uniform_(-12, 4, generator=gen))
+    g[:3] = 0.0
+    th, g = th.to(dtype), g.to(dtype)
+    for p in (0.5, -0.08):
+        h = hyper(p, lr=0.0, wd=0.0, betas=(0.9, 0.999))
+        row = [th.clone(), g.clone(), torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype),
+               None, torch.tensor(0.0)]  # fmt: skip
+        apply("cpu", [row], [h], dtype, sdt=dtype)
+        omb1 = torch.tensor(1.0 - 0.9, dtype=torch.float32)
+        omb2 = torch.tensor(1.0 - 0.999, dtype=torch.float32)
+        gf = g.float()
+        exact = dict(rtol=0.0, atol=0.0, equal_nan=True)
+        torch.testing.assert_close(row[0], th, **exact)
+        torch.testing.assert_close(row[2], (omb1 * gf).to(dtype), **exact)
+        torch.testing.assert_close(row[3], (omb2 * (gf * gf)).to(dtype), **exact)
+    monkeypatch.delenv("SMES_CPU_ISA")
+
+
 # ---------------------------------------------------------------- ops
 
 
