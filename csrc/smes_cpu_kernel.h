@@ -568,6 +568,26 @@ SMES_CPU_INLINE VU bf16_rne(V x) {
   return (x != x) ? (VU{} + 0x7fc00000u) : u;
 }
 SMES_CPU_INLINE void store(bf16* p, V x) { store_u16(p, bf16_rne(x) >> 16); }
+#if SMES_W == 8
+// bf16 params and state together (no stochastic rounding), AVX2: 16 elements as two vectors, the
+// even-indexed ones and the odd-indexed ones, one instruction each to load and to merge for the
+// store instead of a lane-crossing widening and a pack. The rule is element-wise, so the order of
+// the lanes does not change any result.
+SMES_CPU_INLINE void load_pair(const bf16* p, V& even, V& odd) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = (V)_mm256_slli_epi32(x, 16);
+  odd = (V)_mm256_and_si256(x, _mm256_set1_epi32((int)0xFFFF0000u));
+}
+SMES_CPU_INLINE void store_pair(bf16* p, V even, V odd) {
+  const __m256i e = _mm256_srli_epi32((__m256i)bf16_rne(even), 16);
+  const __m256i o = _mm256_and_si256((__m256i)bf16_rne(odd), _mm256_set1_epi32((int)0xFFFF0000u));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(e, o));
+}
+#endif
+template <bool B>
+struct BoolC {
+  static constexpr bool value = B;
+};
 
 // Partial vectors for the tail of a segment: zero-padded lanes are computed and dropped.
 template <class T>
@@ -619,15 +639,26 @@ SMES_CPU_INLINE void store_theta_n(P* p, V x, int n, const TensorJob& j, int64_t
 }
 
 // Blocks of kBlock vectors (segment, AVX2 at general p).
-template <class VB, class T>
+// PAIRS: as even/odd pairs of vectors (bf16 only, see load_pair).
+template <class VB, bool PAIRS, class T>
 SMES_CPU_INLINE VB load_block(const T* p) {
   VB r;
-  for (int k = 0; k < (int)(sizeof(VB) / sizeof(V)); ++k) r.x[k] = load(p + k * W);
+  constexpr int K = (int)(sizeof(VB) / sizeof(V));
+  if constexpr (PAIRS) {
+    for (int k = 0; k < K; k += 2) load_pair(p + k * W, r.x[k], r.x[k + 1]);
+  } else {
+    for (int k = 0; k < K; ++k) r.x[k] = load(p + k * W);
+  }
   return r;
 }
-template <class VB, class T>
+template <class VB, bool PAIRS, class T>
 SMES_CPU_INLINE void store_block(T* p, const VB& b) {
-  for (int k = 0; k < (int)(sizeof(VB) / sizeof(V)); ++k) store(p + k * W, b.x[k]);
+  constexpr int K = (int)(sizeof(VB) / sizeof(V));
+  if constexpr (PAIRS) {
+    for (int k = 0; k < K; k += 2) store_pair(p + k * W, b.x[k], b.x[k + 1]);
+  } else {
+    for (int k = 0; k < K; ++k) store(p + k * W, b.x[k]);
+  }
 }
 #ifndef SMES_AVX2_BLOCK
 #define SMES_AVX2_BLOCK 4
@@ -660,31 +691,41 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
     const int64_t n = hi - lo;
     int64_t i = 0;
     V v = {}, x = {};
+    // bf16 params and state: even/odd pairs of vectors (load_pair), except with stochastic
+    // rounding (whose random bits follow the element index)
+    constexpr bool kPairs = SMES_W == 8 && __is_same(P, bf16) && __is_same(S, bf16);
 #if SMES_W == 8
     if constexpr (PC == P_GENERAL) {
       // AVX2, general p: kBlock vectors per call of the rule (a Block), whose dependency chains
       // the out-of-order core overlaps (see VecMath::pow_hat).
       typedef Block<kBlock> VB;
-      VB vb = {}, xb = {};
-      for (; i + kBlock * W <= n; i += kBlock * W) {
-        prefetch_lines(pp + i + kPrefetch, kBlock * W);
-        prefetch_lines(gp + i + kPrefetch, kBlock * W);
-        prefetch_lines(mp + i + kPrefetch, kBlock * W);
-        prefetch_lines(vp + i + kPrefetch, kBlock * W);
-        if (AMS) prefetch_lines(xp + i + kPrefetch, kBlock * W);
-        VB th = load_block<VB>(pp + i), g = load_block<VB>(gp + i), m = load_block<VB>(mp + i);
-        vb = load_block<VB>(vp + i);
-        if (AMS) xb = load_block<VB>(xp + i);
-        smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, vb, xb, s);
-        if (j.sr) {
-          for (int b = 0; b < kBlock; ++b) store_theta(pp + i + b * W, th.x[b], j, lo + i + b * W);
-        } else {
-          store_block(pp + i, th);
+      auto blocks = [&](auto pairs) __attribute__((always_inline)) {
+        constexpr bool PR = decltype(pairs)::value;
+        VB vb = {}, xb = {};
+        for (; i + kBlock * W <= n; i += kBlock * W) {
+          prefetch_lines(pp + i + kPrefetch, kBlock * W);
+          prefetch_lines(gp + i + kPrefetch, kBlock * W);
+          prefetch_lines(mp + i + kPrefetch, kBlock * W);
+          prefetch_lines(vp + i + kPrefetch, kBlock * W);
+          if (AMS) prefetch_lines(xp + i + kPrefetch, kBlock * W);
+          VB th = load_block<VB, PR>(pp + i), g = load_block<VB, PR>(gp + i);
+          VB m = load_block<VB, PR>(mp + i);
+          vb = load_block<VB, PR>(vp + i);
+          if (AMS) xb = load_block<VB, PR>(xp + i);
+          smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, vb, xb, s);
+          if (!PR && j.sr) {
+            for (int b = 0; b < kBlock; ++b)
+              store_theta(pp + i + b * W, th.x[b], j, lo + i + b * W);
+          } else {
+            store_block<VB, PR>(pp + i, th);
+          }
+          store_block<VB, PR>(mp + i, m);
+          store_block<VB, PR>(vp + i, vb);
+          if (AMS) store_block<VB, PR>(xp + i, xb);
         }
-        store_block(mp + i, m);
-        store_block(vp + i, vb);
-        if (AMS) store_block(xp + i, xb);
-      }
+      };
+      if (kPairs && !j.sr) blocks(BoolC<kPairs>{});
+      blocks(BoolC<false>{});
       // The rest as blocks of one vector: the same code for every element, so that a step is
       // bit-identical however a tensor is split (FSDP shards, thread segments). GCC contracts
       // a Block's a * b + c * d into an FMA the same way for every K, not always as for a V
@@ -717,21 +758,32 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
 #endif
     // Two vectors per iteration: two independent dependency chains (the general-p chain is
     // about 140 cycles long) keep the out-of-order window busy.
-    for (; i + 2 * W <= n; i += 2 * W) {
-      V th0 = load(pp + i), g0 = load(gp + i), m0 = load(mp + i);
-      V th1 = load(pp + i + W), g1 = load(gp + i + W), m1 = load(mp + i + W);
-      V v1 = {}, x1 = {};
-      if (TV) v = load(vp + i), v1 = load(vp + i + W);
-      if (AMS) x = load(xp + i), x1 = load(xp + i + W);
-      smes_update<PC, TV, AMS, L2, VecMath>(th0, g0, m0, v, x, s);
-      smes_update<PC, TV, AMS, L2, VecMath>(th1, g1, m1, v1, x1, s);
-      store_theta(pp + i, th0, j, lo + i);
-      store_theta(pp + i + W, th1, j, lo + i + W);
-      store(mp + i, m0);
-      store(mp + i + W, m1);
-      if (TV) store(vp + i, v), store(vp + i + W, v1);
-      if (AMS) store(xp + i, x), store(xp + i + W, x1);
-    }
+    auto pairs_of_vectors = [&](auto pairs) __attribute__((always_inline)) {
+      constexpr bool PR = decltype(pairs)::value;
+      typedef Block<2> V2;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        const V2 th = load_block<V2, PR>(pp + i), g = load_block<V2, PR>(gp + i);
+        const V2 m = load_block<V2, PR>(mp + i);
+        V2 vv = {}, xx = {};
+        if (TV) vv = load_block<V2, PR>(vp + i);
+        if (AMS) xx = load_block<V2, PR>(xp + i);
+        V th0 = th.x[0], th1 = th.x[1], m0 = m.x[0], m1 = m.x[1];
+        V v0 = vv.x[0], v1 = vv.x[1], x0 = xx.x[0], x1 = xx.x[1];
+        smes_update<PC, TV, AMS, L2, VecMath>(th0, g.x[0], m0, v0, x0, s);
+        smes_update<PC, TV, AMS, L2, VecMath>(th1, g.x[1], m1, v1, x1, s);
+        if (PR) {
+          store_block<V2, PR>(pp + i, V2{{th0, th1}});
+        } else {
+          store_theta(pp + i, th0, j, lo + i);
+          store_theta(pp + i + W, th1, j, lo + i + W);
+        }
+        store_block<V2, PR>(mp + i, V2{{m0, m1}});
+        if (TV) store_block<V2, PR>(vp + i, V2{{v0, v1}});
+        if (AMS) store_block<V2, PR>(xp + i, V2{{x0, x1}});
+      }
+    };
+    if (kPairs && !j.sr) pairs_of_vectors(BoolC<kPairs>{});
+    pairs_of_vectors(BoolC<false>{});
     for (; i + W <= n; i += W) {
       V th = load(pp + i), g = load(gp + i), m = load(mp + i);
       if (TV) v = load(vp + i);
