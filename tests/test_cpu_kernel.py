@@ -460,10 +460,12 @@ def test_16bit_storage_conversions_are_torchs(monkeypatch, isa, dtype):
     monkeypatch.delenv("SMES_CPU_ISA")
 
 
-def test_bf16_pairs_match_contiguous_path():
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_pairs_match_contiguous_path(monkeypatch, isa):
     """bf16 params with bf16 state take the AVX2 kernel's even/odd-pair loops, except with
     stochastic rounding (which needs each element's index): the moments do not depend on how θ
     is rounded, so both paths must store the same m, v and v_max bits, for every variant."""
+    monkeypatch.setenv("SMES_CPU_ISA", isa)
     dt = torch.bfloat16
     for p, wd, decoupled, amsgrad, maximize in [(0.5, 0.0, True, False, False),
                                                 (-0.08, 0.1, False, True, True),
@@ -482,6 +484,7 @@ def test_bf16_pairs_match_contiguous_path():
                     assert torch.equal(x[k].view(torch.int16), y[k].view(torch.int16)), (p, k)
             # θ: stochastic rounding moves it by less than one bf16 ulp either way
             torch.testing.assert_close(x[0].float(), y[0].float(), rtol=2 ** -7, atol=0.0)
+    monkeypatch.delenv("SMES_CPU_ISA")
 
 
 # ---------------------------------------------------------------- ops
