@@ -665,16 +665,18 @@ SMES_CPU_INLINE void store_block(T* p, const VB& b) {
 #endif
 constexpr int kBlock = SMES_AVX2_BLOCK;
 
-// Software prefetch (AVX2 at general p only): every cache line of each stream, kPrefetch elements
+// Software prefetch (AVX2 at general p only): every cache line of each stream, kPrefetchBytes
 // ahead. There the hardware prefetcher alone leaves the power function's arithmetic exposed on a
 // large tensor: measured on a Zen 3 EPYC (2 threads, 16M floats) about 1.2 ns/element without,
-// 0.9-1.05 with (distances 256-768 alike), and no change on an L1- or L2-resident tensor. The
-// other loops are memory-bound with little arithmetic, and prefetching them (one line per
-// iteration, every line there) was slower on Zen 3 and Zen 4.
-constexpr int kPrefetch = 512;
+// 0.9-1.05 with (1-3 KB ahead alike; for bf16, 1 and 2 KB alike), and no change on an L1- or
+// L2-resident tensor. The other loops are memory-bound with little arithmetic, and prefetching
+// them (one line per iteration, every line there) was slower on Zen 3 and Zen 4.
+constexpr int kPrefetchBytes = 2048;
+// the cache lines of p[d, d + n), d = kPrefetchBytes ahead
 template <class T>
 SMES_CPU_INLINE void prefetch_lines(const T* p, int n) {
-  for (int q = 0; q < n; q += 64 / (int)sizeof(T)) __builtin_prefetch(p + q);
+  constexpr int d = kPrefetchBytes / (int)sizeof(T);
+  for (int q = 0; q < n; q += 64 / (int)sizeof(T)) __builtin_prefetch(p + d + q);
 }
 
 template <class P, class S, int PC, bool TV, bool AMS, bool L2>
@@ -703,11 +705,11 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
         constexpr bool PR = decltype(pairs)::value;
         VB vb = {}, xb = {};
         for (; i + kBlock * W <= n; i += kBlock * W) {
-          prefetch_lines(pp + i + kPrefetch, kBlock * W);
-          prefetch_lines(gp + i + kPrefetch, kBlock * W);
-          prefetch_lines(mp + i + kPrefetch, kBlock * W);
-          prefetch_lines(vp + i + kPrefetch, kBlock * W);
-          if (AMS) prefetch_lines(xp + i + kPrefetch, kBlock * W);
+          prefetch_lines(pp + i, kBlock * W);
+          prefetch_lines(gp + i, kBlock * W);
+          prefetch_lines(mp + i, kBlock * W);
+          prefetch_lines(vp + i, kBlock * W);
+          if (AMS) prefetch_lines(xp + i, kBlock * W);
           VB th = load_block<VB, PR>(pp + i), g = load_block<VB, PR>(gp + i);
           VB m = load_block<VB, PR>(mp + i);
           vb = load_block<VB, PR>(vp + i);
