@@ -11,13 +11,12 @@ The interpreter is slow (~50 ms a step), so tensors are tiny and runs are a few 
 from __future__ import annotations
 
 import copy
-import importlib
-import os
 import pickle
 import re
 
 import pytest
 import torch
+from _backends import BACKENDS, require, use_triton_interpreter
 from torch.optim import lr_scheduler
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
@@ -25,26 +24,10 @@ from torch.optim.optimizer import (
 )
 from torch.testing import assert_close
 
-import smes_fused
 from smes_fused import SMES
 
+use_triton_interpreter()
 
-def _use_triton_interpreter() -> None:
-    """As tests/test_triton.py does: Triton picks interpreter or compiler when the kernels are
-    created, so set TRITON_INTERPRET=1 (and leave it set: Triton reads it again at launch), then
-    import the kernels, again if an earlier module imported them for a GPU."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        kernels = importlib.import_module("smes_fused.triton_kernels.smes")
-    except ImportError:  # no Triton: available_backends() says so and the tests skip
-        return
-    if not kernels.INTERPRET:
-        importlib.reload(kernels)
-
-
-_use_triton_interpreter()
-
-BACKENDS = ["reference", "foreach", "cpu", "triton"]
 # numpy's log2(0) in the interpreter's masked lanes, as in tests/test_triton.py
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 STEP_ERRORS_ANY = (ValueError, TypeError, RuntimeError)  # SPEC §5's accepted error types
@@ -52,10 +35,7 @@ STEP_ERRORS_ANY = (ValueError, TypeError, RuntimeError)  # SPEC §5's accepted e
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
-    why = smes_fused.available_backends().get(request.param, "not registered in this build")
-    if why is not None:
-        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
-    return request.param
+    return require(request.param)
 
 
 # --------------------------------------------------------------------------- a tiny problem
@@ -975,9 +955,7 @@ def test_goes_right_direction(name, exponent, sched):
     convex problem falls at least 4x in 20 steps (the optimum is ~5% of the start), with and
     without lr schedulers; on the non-reference backends the run matches the reference path
     (lr and beta changes between steps take effect)."""
-    why = smes_fused.available_backends().get(name, "not registered in this build")
-    if why is not None:
-        pytest.skip(f"backend {name!r} cannot run here: {why}")
+    require(name)
     params, initial, final = _minimise(name, exponent, sched)
     assert final < 0.25 * initial, f"loss {initial:.4f} -> {final:.4f}"
     if name != "reference":

@@ -4,18 +4,16 @@ that changing p through a schedule recompiles and rebuilds nothing (SPEC §3).""
 
 from __future__ import annotations
 
-import importlib
 import io
 import math
-import os
 
 import pytest
 import torch
+from _backends import require, use_triton_interpreter
 from torch import nn
 from torch.optim import lr_scheduler
 from torch.testing import assert_close
 
-import smes_fused
 from smes_fused import SMES
 from smes_fused.schedules import (
     CosineExponent,
@@ -25,20 +23,7 @@ from smes_fused.schedules import (
     depth_param_groups,
 )
 
-
-def _use_triton_interpreter():
-    """As tests/test_triton.py: TRITON_INTERPRET=1 before the kernels are created (and left set:
-    Triton reads it again at launch); their module again if an earlier one made them for a GPU.
-    None without Triton."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        kernels = importlib.import_module("smes_fused.triton_kernels.smes")
-    except ImportError:
-        return None
-    return kernels if kernels.INTERPRET else importlib.reload(kernels)
-
-
-K = _use_triton_interpreter()
+K = use_triton_interpreter()
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
 
@@ -317,9 +302,7 @@ def test_triton_changing_p_never_recompiles():
     """Under Triton's interpreter the kernels' cache is what the launches specialise on (their
     constexprs) plus the device tables (``K.CACHE``): after the first step neither grows while a
     schedule moves p through general values every step."""
-    why = smes_fused.available_backends().get("triton")
-    if K is None or why is not None:
-        pytest.skip(f"triton backend unavailable: {why}")
+    require("triton")
     params = _params(shapes=((33,), (4, 5), (7,)))
     opt = SMES(params, lr=1e-2, exponent=-0.3, backend="triton")
     sched = LinearExponent(opt, start=-0.3, end=0.37, total_steps=10)
@@ -355,8 +338,7 @@ def test_cpu_changing_p_never_rebuilds_the_plan(monkeypatch):
     first step; a schedule over general p values must not rebuild it."""
     from smes_fused import optimizer as opt_mod
 
-    if smes_fused.available_backends().get("cpu") is not None:
-        pytest.skip("compiled extension not built")
+    require("cpu")
     builds = []
     real = opt_mod._Plan.__init__
 
