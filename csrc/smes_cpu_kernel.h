@@ -605,13 +605,6 @@ SMES_CPU_INLINE void store_n(T* p, V x, int n) {
 
 // theta to storage. bf16 params with stochastic rounding (j.sr; smes_math.h, sr_noise): the
 // float32 bits plus 16 random bits, truncated (non-finite lanes round to nearest as store()).
-SMES_CPU_INLINE VU mix32v(VU x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  return x ^ (x >> 16);
-}
 template <class P>
 SMES_CPU_INLINE void store_theta(P* p, V x, const TensorJob&, int64_t) {
   store(p, x);
@@ -627,7 +620,7 @@ SMES_CPU_INLINE void store_theta(bf16* p, V x, const TensorJob& j, int64_t index
     lo[k] = (uint32_t)e;
     hi[k] = (uint32_t)(e >> 32);
   }
-  const VU r = mix32v((VU{} + j.sr_key) ^ lo ^ mix32v(hi)) & 0xFFFFu;
+  const VU r = sr_noise(VU{} + j.sr_key, lo, hi);
   const VU u = (VU)x;
   store_u16(p, ((u & 0x7f800000u) == 0x7f800000u) ? (bf16_rne(x) >> 16) : ((u + r) >> 16));
 }

@@ -52,8 +52,10 @@ constexpr int kFlagProjection = 128; // AdamP/SGDP's projection (tensors of dim 
 constexpr int kFlagSR = 256;         // stochastic rounding of theta (bf16 params)
 
 // Stochastic rounding to bfloat16 (smes_fused/_rounding.py has the definition): a counter-based
-// hash gives 16 random bits per element, added to the float32 bits before truncation.
-SMES_HD uint32_t mix32(uint32_t x) {
+// hash gives 16 random bits per element, added to the float32 bits before truncation. U: uint32_t,
+// or a GCC vector of them (the CPU kernel, a SIMD register of elements at a time).
+template <class U>
+SMES_HD U mix32(U x) {
   x ^= x >> 16;
   x *= 0x85EBCA6Bu;
   x ^= x >> 13;
@@ -63,8 +65,13 @@ SMES_HD uint32_t mix32(uint32_t x) {
 SMES_HD uint32_t sr_key(uint32_t seed, uint32_t step, uint32_t tensor) {
   return mix32(seed ^ mix32(step * 0x9E3779B9u + tensor));
 }
+// the noise of element index = hi * 2^32 + lo
+template <class U>
+SMES_HD U sr_noise(U key, U lo, U hi) {
+  return mix32(key ^ lo ^ mix32(hi)) & 0xFFFFu;
+}
 SMES_HD uint32_t sr_noise(uint32_t key, uint64_t index) {
-  return mix32(key ^ (uint32_t)index ^ mix32((uint32_t)(index >> 32))) & 0xFFFFu;
+  return sr_noise(key, (uint32_t)index, (uint32_t)(index >> 32));
 }
 
 // The per-tensor scalars of one step, hoisted out of the element loop (float32).
