@@ -631,8 +631,8 @@ SMES_CPU_INLINE void store_theta_n(P* p, V x, int n, const TensorJob& j, int64_t
   __builtin_memcpy(p, buf, n * sizeof(P));
 }
 
-// Blocks of kBlock vectors (segment, AVX2 at general p).
-// PAIRS: as even/odd pairs of vectors (bf16 only, see load_pair).
+// Blocks of vectors (segment: kBlock at general p on AVX2, 2 in the two-vector loop). PAIRS: as
+// even/odd pairs of vectors (bf16 on AVX2 only, see load_pair).
 template <class VB, bool PAIRS, class T>
 SMES_CPU_INLINE VB load_block(const T* p) {
   VB r;
@@ -660,10 +660,9 @@ constexpr int kBlock = SMES_AVX2_BLOCK;
 
 // Software prefetch (AVX2 at general p only): every cache line of each stream, kPrefetchBytes
 // ahead. There the hardware prefetcher alone leaves the power function's arithmetic exposed on a
-// large tensor: measured on a Zen 3 EPYC (2 threads, 16M floats) about 1.2 ns/element without,
-// 0.9-1.05 with (1-3 KB ahead alike; for bf16, 1 and 2 KB alike), and no change on an L1- or
-// L2-resident tensor. The other loops are memory-bound with little arithmetic, and prefetching
-// them (one line per iteration, every line there) was slower on Zen 3 and Zen 4.
+// large tensor (Zen 3 EPYC, `python -m bench` interleaved from two builds: general p 0.91x ->
+// 1.01x fused AdamW on average; README, AVX2 section). The other loops have little arithmetic
+// to hide, and prefetching them was slower (Zen 4, an earlier session).
 constexpr int kPrefetchBytes = 2048;
 // the cache lines of p[d, d + n), d = kPrefetchBytes ahead
 template <class T>
