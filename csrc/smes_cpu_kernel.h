@@ -653,8 +653,14 @@ SMES_CPU_INLINE void store_block(T* p, const VB& b) {
     for (int k = 0; k < K; ++k) store(p + k * W, b.x[k]);
   }
 }
+// Two vectors per block. Four run the step faster from L1 (the general-p loop's chains overlap
+// further), but spill a quarter of their instructions to the stack for want of registers, and
+// on a memory-bound step two are faster: `python -m bench --sets large gpt2 llama --exponents
+// -0.08 0.37 --backends cpu --repeats 7 --warmup 2` interleaved from two builds, 4 rounds each,
+// twice (Zen 3 EPYC, 2 vCPUs): general p 1.015x -> 1.070x and 1.007x -> 1.051x fused AdamW, the
+// mean over the 24 cells; one vector per block: 0.966x.
 #ifndef SMES_AVX2_BLOCK
-#define SMES_AVX2_BLOCK 4
+#define SMES_AVX2_BLOCK 2
 #endif
 constexpr int kBlock = SMES_AVX2_BLOCK;
 
