@@ -631,7 +631,7 @@ SMES_CPU_INLINE void store_theta_n(P* p, V x, int n, const TensorJob& j, int64_t
   __builtin_memcpy(p, buf, n * sizeof(P));
 }
 
-// Blocks of vectors (segment: kBlock at general p on AVX2, 2 in the two-vector loop). PAIRS: as
+// Blocks of vectors (segment: kBlockOf<P> at general p on AVX2, 2 in the two-vector loop). PAIRS: as
 // even/odd pairs of vectors (bf16 on AVX2 only, see load_pair).
 template <class VB, bool PAIRS, class T>
 SMES_CPU_INLINE VB load_block(const T* p) {
@@ -653,16 +653,18 @@ SMES_CPU_INLINE void store_block(T* p, const VB& b) {
     for (int k = 0; k < K; ++k) store(p + k * W, b.x[k]);
   }
 }
-// Two vectors per block. Four run the step faster from L1 (the general-p loop's chains overlap
-// further), but spill a quarter of their instructions to the stack for want of registers, and
-// on a memory-bound step two are faster: `python -m bench --sets large gpt2 llama --exponents
-// -0.08 0.37 --backends cpu --repeats 7 --warmup 2` interleaved from two builds, 4 rounds each,
-// twice (Zen 3 EPYC, 2 vCPUs): general p 1.015x -> 1.070x and 1.007x -> 1.051x fused AdamW, the
-// mean over the 24 cells; one vector per block: 0.966x.
-#ifndef SMES_AVX2_BLOCK
-#define SMES_AVX2_BLOCK 2
-#endif
-constexpr int kBlock = SMES_AVX2_BLOCK;
+// Vectors per block at general p on AVX2: two for float32 params, four for 16-bit ones. Four run
+// the step faster from L1 (the chains of more vectors overlap) but spill about a quarter of the
+// loop's instructions to the stack for want of registers. `python -m bench ... --backends cpu
+// --repeats 7 --warmup 2` interleaved from two builds, 4 rounds each (Zen 3 EPYC, 2 vCPUs; mean
+// of the general-p cells' ratio to fused AdamW): float32 (`--sets large gpt2 llama --exponents
+// -0.08 0.37`), 4 -> 2 vectors 1.015x -> 1.070x and, again, 1.007x -> 1.051x (1 vector: 0.966x
+// against 1.032x for 2); there the step is memory-bound (a variant with 9% less arithmetic per
+// element did not move it: 1.057x -> 1.054x). bf16 params (`--dtype bfloat16 --sets large gpt2
+// llama --exponents -0.08`), which move half the bytes for the same arithmetic, are not: 2 -> 4
+// vectors 0.955x -> 1.010x with bf16 state, 0.924x -> 0.988x with float32 state.
+template <class P>
+constexpr int kBlockOf = sizeof(P) == 4 ? 2 : 4;
 
 // Software prefetch (AVX2 at general p only): every cache line of each stream, kPrefetchBytes
 // ahead. There the hardware prefetcher alone leaves the power function's arithmetic exposed on a
@@ -698,6 +700,7 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
     if constexpr (PC == P_GENERAL) {
       // AVX2, general p: kBlock vectors per call of the rule (a Block), whose dependency chains
       // the out-of-order core overlaps (see VecMath::pow_hat).
+      constexpr int kBlock = kBlockOf<P>;
       typedef Block<kBlock> VB;
       auto blocks = [&](auto pairs) __attribute__((always_inline)) {
         constexpr bool PR = decltype(pairs)::value;
