@@ -631,8 +631,8 @@ SMES_CPU_INLINE void store_theta_n(P* p, V x, int n, const TensorJob& j, int64_t
   __builtin_memcpy(p, buf, n * sizeof(P));
 }
 
-// Blocks of vectors (segment: kBlockOf<P> at general p on AVX2, 2 in the two-vector loop). PAIRS: as
-// even/odd pairs of vectors (bf16 on AVX2 only, see load_pair).
+// Blocks of vectors (segment: kBlockOf<P> at general p on AVX2, 2 in the two-vector loop).
+// PAIRS: as even/odd pairs of vectors (bf16 on AVX2 only, see load_pair).
 template <class VB, bool PAIRS, class T>
 SMES_CPU_INLINE VB load_block(const T* p) {
   VB r;
