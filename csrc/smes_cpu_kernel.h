@@ -655,14 +655,15 @@ SMES_CPU_INLINE void store_block(T* p, const VB& b) {
 }
 // Vectors per block at general p on AVX2: two for float32 params, four for 16-bit ones. Four run
 // the step faster from L1 (the chains of more vectors overlap) but spill about a quarter of the
-// loop's instructions to the stack for want of registers. `python -m bench ... --backends cpu
-// --repeats 7 --warmup 2` interleaved from two builds, 4 rounds each (Zen 3 EPYC, 2 vCPUs; mean
-// of the general-p cells' ratio to fused AdamW): float32 (`--sets large gpt2 llama --exponents
-// -0.08 0.37`), 4 -> 2 vectors 1.015x -> 1.070x and, again, 1.007x -> 1.051x (1 vector: 0.966x
-// against 1.032x for 2); there the step is memory-bound (a variant with 9% less arithmetic per
-// element did not move it: 1.057x -> 1.054x). bf16 params (`--dtype bfloat16 --sets large gpt2
-// llama --exponents -0.08`), which move half the bytes for the same arithmetic, are not: 2 -> 4
-// vectors 0.955x -> 1.010x with bf16 state, 0.924x -> 0.988x with float32 state.
+// loop's instructions to the stack for want of registers (objdump of the built loop). `python -m
+// bench ... --backends cpu --repeats 7 --warmup 2` interleaved from two builds, 4 rounds each (Zen
+// 3 EPYC, 2 vCPUs; mean of the general-p cells' ratio to fused AdamW): float32 (`--sets large gpt2
+// llama --exponents -0.08 0.37`), 4 -> 2 vectors 1.015x -> 1.070x and, again, 1.007x -> 1.051x (1
+// vector: 0.966x against 1.032x for 2); there the step is memory-bound (a variant without the power
+// function's range test, less arithmetic per element, did not move it: 1.057x -> 1.054x). bf16
+// params (`--dtype bfloat16 --sets large gpt2 llama --exponents -0.08`), which move half the bytes
+// for the same arithmetic, are not: 2 -> 4 vectors 0.955x -> 1.010x with bf16 state, 0.924x ->
+// 0.988x with float32 state.
 template <class P>
 constexpr int kBlockOf = sizeof(P) == 4 ? 2 : 4;
 
