@@ -741,7 +741,7 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
         v1.x[0] = load(vp + i);
         if (AMS) x1.x[0] = load(xp + i);
         smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, v1, x1, s);
-        store(pp + i, th.x[0]);
+        store_theta(pp + i, th.x[0], j, lo + i);
         store(mp + i, m.x[0]);
         store(vp + i, v1.x[0]);
         if (AMS) store(xp + i, x1.x[0]);
@@ -752,7 +752,7 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
         v1.x[0] = load_n(vp + i, r);
         if (AMS) x1.x[0] = load_n(xp + i, r);
         smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, v1, x1, s);
-        store_n(pp + i, th.x[0], r);
+        store_theta_n(pp + i, th.x[0], r, j, lo + i);
         store_n(mp + i, m.x[0], r);
         store_n(vp + i, v1.x[0], r);
         if (AMS) store_n(xp + i, x1.x[0], r);

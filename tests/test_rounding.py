@@ -84,6 +84,37 @@ def test_same_bits_as_the_definition_in_every_backend(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
+@pytest.mark.parametrize("exponent", [0.5, -0.08])
+def test_cpu_rounds_its_own_float32_result(monkeypatch, isa, exponent):
+    """Every CPU kernel set and loop (p = 0.5 and general p take different loops on AVX2; sizes
+    with a partial last vector): the bf16 θ of a stochastically rounded step is exactly
+    ``round_to_bf16`` of the float32 θ that the same kernel computes for float32 params holding
+    the same values (the kernel works in float32 either way), with each tensor's own key. (The
+    AVX2 general-p loop once rounded the last elements of a segment, past its blocks, to
+    nearest.)"""
+    require("cpu")
+    monkeypatch.setenv("SMES_CPU_ISA", isa)
+    torch.manual_seed(0)
+    sizes = [(64, 33), (1003,), (5,), (4099,)]
+    th = [torch.randn(s).bfloat16() for s in sizes]
+    gs = [torch.randn(s).bfloat16() for s in sizes]
+
+    def step(dtype, sr):
+        ps = [t.to(dtype, copy=True).requires_grad_() for t in th]
+        opt = SMES(ps, lr=1e-2, exponent=exponent, stochastic_rounding=sr, rounding_seed=5,
+                   state_dtype=torch.float32, backend="cpu")  # fmt: skip
+        for p, g in zip(ps, gs):
+            p.grad = g.to(dtype)
+        opt.step()
+        return [p.detach() for p in ps]
+
+    exact = step(torch.float32, False)
+    for i, (a, x) in enumerate(zip(step(torch.bfloat16, True), exact)):
+        assert torch.equal(a, round_to_bf16(x, tensor_key(5, 1, i))), (isa, i)
+    monkeypatch.delenv("SMES_CPU_ISA")
+
+
 def test_other_dtypes_are_rounded_as_before(backend):
     for dtype in (torch.float32, torch.float16):
         assert torch.equal(
