@@ -131,6 +131,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "float32 (22 B per bf16 parameter instead of 14)",
     )
     p.add_argument(
+        "--stochastic-rounding",
+        action="store_true",
+        help="with --dtype bfloat16: each SMES backend also runs with stochastic_rounding=True "
+        "('SMES <backend> SR', same bytes per parameter), interleaved with its round-to-nearest "
+        "step",
+    )
+    p.add_argument(
         "--clip",
         type=float,
         metavar="MAX_NORM",
@@ -144,6 +151,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "results/ were written with --out results, on purpose)",
     )
     args = p.parse_args(argv)
+    if args.dtype != "bfloat16":
+        if args.stochastic_rounding:
+            p.error("--stochastic-rounding rounds bf16 params: it needs --dtype bfloat16")
+        if args.state_dtype == "float32":
+            p.error("--state-dtype float32 is for bf16 params: it needs --dtype bfloat16 "
+                    "(float32 params have float32 state already)")  # fmt: skip
     for name in ("repeats", "warmup"):
         value = getattr(args, name)
         if value is not None and value < (1 if name == "repeats" else 0):
@@ -166,6 +179,7 @@ def config_from(args: argparse.Namespace, device: torch.device, backends: tuple)
         projection=args.projection,
         clip=args.clip,
         smes_state=torch.float32 if args.state_dtype == "float32" else None,
+        stochastic_rounding=args.stochastic_rounding,
     )
 
 
@@ -200,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             f"clipped steps, max norm {config.clip:g}: AdamW after clip_grad_norm_(foreach=True) "
             "(40 B/param), SMES with max_grad_norm (32 B/param)"
         )
+    if config.stochastic_rounding:
+        print("stochastic rounding: 'SMES <backend> SR' is each backend with "
+              "stochastic_rounding=True, beside its round-to-nearest step")  # fmt: skip
     if config.projection:
         print("SMES with projection=True (AdamP/SGDP): 40 B per float32 parameter (28 at p = 0)")
     for b, why in considered.items():
@@ -227,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         suffix += f"_{args.dtype}"
     if config.smes_state is not None and config.smes_state != config.dtype:
         suffix += "_f32state"
+    suffix += "_sr" if config.stochastic_rounding else ""
     suffix += "_projection" if config.projection else ""
     suffix += "_clip" if config.clip is not None else ""
     stem = os.path.join(args.out, f"bench_{device.type}{suffix}")

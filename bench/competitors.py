@@ -69,6 +69,7 @@ def specs(
     projected: float = 0.0,
     clip: float | None = None,
     smes_state: torch.dtype | None = None,
+    stochastic_rounding: bool = False,
 ) -> list[Spec]:
     """The competitors of one cell. Fused AdamW, the reference of every ratio, is in all of
     them; AdamW's foreach and for-loop implementations only where ``unfused_adamw``.
@@ -77,7 +78,8 @@ def specs(
     ``clip_grad_norm_(foreach=True)`` (+12 B/param: the norm's read, the scaling's read and
     write) and SMES with ``max_grad_norm=clip`` (+4 B/param: the norm's read; the coefficient is
     applied in the step's own read of g). ``smes_state``: SMES's state dtype (None: the params'
-    dtype, as fused AdamW keeps its state)."""
+    dtype, as fused AdamW keeps its state). ``stochastic_rounding``: each SMES backend also as
+    ``SMES <backend> SR``, with stochastic_rounding=True (bf16 params; the same bytes)."""
     size = torch.empty((), dtype=dtype).element_size()
     adamw_bytes = bytes_per_param(0.5, dtype) + (3 * size if clip is not None else 0)
     smes_extra = size if clip is not None else 0
@@ -94,6 +96,9 @@ def specs(
         nbytes = bytes_per_param(exponent, dtype, projected if projection else 0.0, smes_state)
         nbytes += smes_extra
         out.append(Spec(f"SMES {b}", nbytes, _smes(b, exponent, state_dtype, projection, clip)))
+        if stochastic_rounding:
+            sr = _smes(b, exponent, state_dtype, projection, clip, stochastic_rounding=True)
+            out.append(Spec(f"SMES {b} SR", nbytes, sr))
     name, nbytes, build = roofline(device, dtype)
     out.append(Spec(name, nbytes, lambda params: _buffers(*build(params))))
     return out
@@ -175,12 +180,14 @@ def _smes(
     state_dtype: str | None = None,
     projection: bool = False,
     clip: float | None = None,
+    stochastic_rounding: bool = False,
 ) -> Callable[[list[Tensor]], tuple[Step, StateFn]]:
     def build(params: list[Tensor]) -> tuple[Step, StateFn]:
         from smes_fused import SMES
 
         opt = SMES(params, exponent=exponent, backend=backend, state_dtype=state_dtype,
-                   projection=projection, max_grad_norm=clip)  # fmt: skip
+                   projection=projection, max_grad_norm=clip,
+                   stochastic_rounding=stochastic_rounding)  # fmt: skip
         return _optimizer(opt)
 
     return build

@@ -32,6 +32,7 @@ class Config:
     projection: bool = False  # SMES with projection=True (AdamP/SGDP, SPEC §4)
     clip: float | None = None  # clipped steps: clip_grad_norm_ + AdamW vs SMES(max_grad_norm)
     smes_state: torch.dtype | None = None  # SMES's state dtype (None: the params')
+    stochastic_rounding: bool = False  # also each SMES backend with stochastic_rounding=True
 
     @property
     def rounds(self) -> int:
@@ -77,6 +78,7 @@ def run(
                 projected=projected,
                 clip=config.clip,
                 smes_state=config.smes_state,
+                stochastic_rounding=config.stochastic_rounding,
             )
             ready = []
             for spec in cell:

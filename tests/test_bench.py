@@ -197,3 +197,30 @@ def test_bf16_rounding_demo_runs(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert {r["mode"] for r in rows} == set(bf16_rounding.MODES)
     assert "bf16 stochastic" in capsys.readouterr().out
+
+
+def test_stochastic_rounding_run_beside_round_to_nearest(tmp_path):
+    """``--dtype bfloat16 --stochastic-rounding``: each SMES backend also runs with
+    stochastic_rounding=True ('SMES cpu SR'), in the same cells and with the same bytes."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--dtype", "bfloat16",
+           "--stochastic-rounding", "--backends", "cpu", "--exponents", "-0.08",
+           "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stochastic_rounding=True" in done.stdout
+    with open(tmp_path / "bench_cpu_quick_bfloat16_sr.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cells = {(r["shape_set"], r["exponent"]) for r in rows}
+    for name in ("SMES cpu", "SMES cpu SR"):
+        mine = [r for r in rows if r["competitor"] == name]
+        assert {(r["shape_set"], r["exponent"]) for r in mine} == cells
+        assert {float(r["bytes_per_param"]) for r in mine} == {14.0}
+        assert all(float(r["speedup_vs_fused_adamw"]) > 0 for r in mine)
+
+
+@pytest.mark.parametrize("flags", [["--stochastic-rounding"], ["--state-dtype", "float32"]])
+def test_bf16_only_flags_need_bf16_params(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--dtype", "float32", *flags])
+    assert e.value.code == 2
+    assert "needs --dtype bfloat16" in capsys.readouterr().err
