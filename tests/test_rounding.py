@@ -90,7 +90,8 @@ def test_cpu_rounds_its_own_float32_result(monkeypatch, isa, exponent):
     """Every CPU kernel set and loop (p = 0.5 and general p take different loops on AVX2; sizes
     with a partial last vector): the bf16 θ of a stochastically rounded step is exactly
     ``round_to_bf16`` of the float32 θ that the same kernel computes for float32 params holding
-    the same values (the kernel works in float32 either way), with each tensor's own key. (The
+    the same values (the kernel works in float32 either way), with each tensor's own key; inf,
+    NaN and the largest bf16 among them. (The
     AVX2 general-p loop once rounded the last elements of a segment, past its blocks, to
     nearest.)"""
     require("cpu")
@@ -99,6 +100,7 @@ def test_cpu_rounds_its_own_float32_result(monkeypatch, isa, exponent):
     sizes = [(64, 33), (1003,), (5,), (4099,)]
     th = [torch.randn(s).bfloat16() for s in sizes]
     gs = [torch.randn(s).bfloat16() for s in sizes]
+    th[1][:4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.3895e38])
 
     def step(dtype, sr):
         ps = [t.to(dtype, copy=True).requires_grad_() for t in th]
@@ -111,7 +113,8 @@ def test_cpu_rounds_its_own_float32_result(monkeypatch, isa, exponent):
 
     exact = step(torch.float32, False)
     for i, (a, x) in enumerate(zip(step(torch.bfloat16, True), exact)):
-        assert torch.equal(a, round_to_bf16(x, tensor_key(5, 1, i))), (isa, i)
+        ref = round_to_bf16(x, tensor_key(5, 1, i))
+        torch.testing.assert_close(a, ref, rtol=0, atol=0, equal_nan=True, msg=f"{isa} {i}")
     monkeypatch.delenv("SMES_CPU_ISA")
 
 
