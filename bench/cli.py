@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     for b, why in considered.items():
         if why is not None:
             print(f"SMES {b}: not benchmarked: {why}")
-    roof_name, roof_bytes, _ = roofline(device, config.dtype)
-    print(f"SMES backends: {', '.join(backends) or 'none'}; {roof_name} ({roof_bytes} B/param)")
+    roof = roofline(device, config.dtype)
+    roof_text = f"{roof[0]} ({roof[1]} B/param)" if roof else "no roofline for 16-bit params on CPU"
+    print(f"SMES backends: {', '.join(backends) or 'none'}; {roof_text}")
     for s in config.sets:
         full = f", whole model {FULL_PARAMS[s.name] / 1e6:.1f}M" if s.name in FULL_PARAMS else ""
         print(f"  {s.name}: {s.n_params / 1e6:.2f}M params, {s.n_tensors} tensors{full}")

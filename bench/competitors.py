@@ -99,8 +99,10 @@ def specs(
         if stochastic_rounding:
             sr = _smes(b, exponent, state_dtype, projection, clip, stochastic_rounding=True)
             out.append(Spec(f"SMES {b} SR", nbytes, sr))
-    name, nbytes, build = roofline(device, dtype)
-    out.append(Spec(name, nbytes, lambda params: _buffers(*build(params))))
+    roof = roofline(device, dtype)
+    if roof is not None:
+        name, nbytes, build = roof
+        out.append(Spec(name, nbytes, lambda params: _buffers(*build(params))))
     return out
 
 

@@ -35,11 +35,14 @@ def compiled_op() -> Callable | None:
     return _ops.roofline
 
 
-def roofline(device: torch.device, dtype: torch.dtype = torch.float32) -> Roofline:
-    """(name, bytes moved per parameter, build(params) -> (step, buffers it allocated, by role))."""
+def roofline(device: torch.device, dtype: torch.dtype = torch.float32) -> Roofline | None:
+    """(name, bytes moved per parameter, build(params) -> (step, buffers it allocated, by role)),
+    or None where the suite has none: 16-bit params on CPU (the ``roofline_`` op is float32)."""
     if device.type == "cuda":
         size = torch.empty((), dtype=dtype).element_size()
         return "roofline: D2D copy", 7 * size, lambda params: _copy(params, 7 * size // 2)
+    if dtype != torch.float32:
+        return None
     op = compiled_op()
     if op is not None:
         return "roofline: smes_fused.roofline_", 28, lambda params: _kernel(op, params)

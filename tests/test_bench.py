@@ -104,6 +104,10 @@ def test_summary_table_from_csv_rows():
     )
     with pytest.raises(SystemExit, match="no 'SMES cuda' rows"):
         summary.markdown(rows, "cuda")
+    # no roofline (16-bit params on CPU): no share, rather than "nan%"
+    bf16 = [row("large", "0.5", "AdamW fused", "1", "6.0", "nan"),
+            row("large", "0.5", "SMES cpu", "1.2", "5.0", "nan")]  # fmt: skip
+    assert summary.markdown(bf16).splitlines()[2] == "| large | 16.0M / 2 | 1.20× (5.0 vs 6.0 ms) |"
 
 
 def test_competitors_of_a_cell_share_state_memory_and_stay_finite():
@@ -184,6 +188,8 @@ def test_bf16_params_with_float32_state(tmp_path):
     smes = [r for r in rows if r["competitor"] == "SMES cpu"]
     fused = [r for r in rows if r["competitor"] == REFERENCE]
     assert smes and {r["smes_state_dtype"] for r in smes} == {"float32"}
+    assert "no roofline for 16-bit params on CPU" in done.stdout
+    assert "skipped" not in done.stdout + done.stderr  # the float32 roofline op is not tried
     assert {float(r["bytes_per_param"]) for r in smes} == {22.0}
     assert {float(r["bytes_per_param"]) for r in fused} == {14.0}
 
