@@ -609,28 +609,34 @@ SMES_CPU_INLINE VU iota() {  // 0, 1, ..., W - 1 (a constant once inlined)
   return r;
 }
 
-// theta to storage. bf16 params with stochastic rounding (j.sr; smes_math.h, sr_noise): the
-// float32 bits plus 16 random bits, truncated; NaN stored as store() stores it. The noise of a
-// vector takes one vector hash (mix32 of key ^ lo ^ mix32(hi)): its elements share hi, or two
-// values of it, whose mix32 is scalar code (`python -m bench --dtype bfloat16 --state-dtype
-// float32 --stochastic-rounding ...`, interleaved from two builds: 0.56x -> 0.79x fused AdamW
-// against a per-lane hash of lo and hi built element by element).
+// Stochastic rounding (j.sr; smes_math.h, sr_noise) of bf16 params: the float32 bits plus 16
+// random bits, truncated; NaN stored as store() stores it. The noise of a vector takes one vector
+// hash (mix32 of key ^ lo ^ mix32(hi)): its elements share hi, or two values of it, whose mix32 is
+// scalar code (`python -m bench --dtype bfloat16 --state-dtype float32 --stochastic-rounding
+// ...`, interleaved from two builds: 0.56x -> 0.79x fused AdamW against a per-lane hash of lo and
+// hi built element by element).
+// sr_noise of the elements index + off[k]
+SMES_CPU_INLINE VU sr_noise_at(const TensorJob& j, int64_t index, VU off) {
+  const uint32_t lo0 = (uint32_t)index, hi0 = (uint32_t)((uint64_t)index >> 32);
+  const VU lo = (VU{} + lo0) + off;  // wraps past 2^32 in the lanes whose hi is one more
+  const VU mh = (lo < lo0) ? VU{} + mix32(hi0 + 1u) : VU{} + mix32(hi0);
+  return mix32((VU{} + j.sr_key) ^ lo ^ mh) & 0xFFFFu;
+}
+// x rounded with the noise r: bf16 bits in the low half of each lane (+-inf stay: their low bits
+// are 0)
+SMES_CPU_INLINE VU sr_round(V x, VU r) { return (x != x) ? VU{} + 0x7fc0u : ((VU)x + r) >> 16; }
+
+// theta to storage, rounded stochastically where j.sr says so
 template <class P>
 SMES_CPU_INLINE void store_theta(P* p, V x, const TensorJob&, int64_t) {
   store(p, x);
 }
 SMES_CPU_INLINE void store_theta(bf16* p, V x, const TensorJob& j, int64_t index) {
-  if (!j.sr) {
+  if (j.sr) {
+    store_u16(p, sr_round(x, sr_noise_at(j, index, iota())));
+  } else {
     store(p, x);
-    return;
   }
-  // lanes of elements index + k: lo wraps past 2^32 in the lanes whose hi is one more
-  const uint32_t lo0 = (uint32_t)index, hi0 = (uint32_t)((uint64_t)index >> 32);
-  const VU lo = (VU{} + lo0) + iota();
-  const VU mh = (lo < lo0) ? VU{} + mix32(hi0 + 1u) : VU{} + mix32(hi0);  // scalar mix32s
-  const VU r = mix32((VU{} + j.sr_key) ^ lo ^ mh) & 0xFFFFu;  // sr_noise
-  // +-inf stay (their low bits are 0); NaN becomes the quiet NaN store() gives it
-  store_u16(p, (x != x) ? VU{} + 0x7fc0u : ((VU)x + r) >> 16);
 }
 template <class P>
 SMES_CPU_INLINE void store_theta_n(P* p, V x, int n, const TensorJob& j, int64_t index) {
@@ -661,6 +667,34 @@ SMES_CPU_INLINE void store_block(T* p, const VB& b) {
     for (int k = 0; k < K; ++k) store(p + k * W, b.x[k]);
   }
 }
+// theta of a block to storage: store_theta for each vector, or as pairs (SR: a compile-time
+// switch there, so that round to nearest keeps the pair loop it had; the noise of elements
+// index + 2k in the even vector, index + 2k + 1 in the odd one). bf16 params and state with
+// stochastic rounding took the contiguous loops before (`python -m bench --dtype bfloat16
+// --stochastic-rounding ...`, interleaved from two builds, mean of 18 cells: 0.62x -> 0.88x fused
+// AdamW; round to nearest 1.115x and 1.120x); a run-time SR test in the pair loop cost round to
+// nearest 2-3% there.
+template <class VB, bool PAIRS, bool SR, class P>
+SMES_CPU_INLINE void store_theta_block(P* p, const VB& b, const TensorJob& j, int64_t index) {
+  constexpr int K = (int)(sizeof(VB) / sizeof(V));
+  if constexpr (PAIRS) {
+#if SMES_W == 8
+    if constexpr (SR) {
+      for (int k = 0; k < K; k += 2) {
+        const int64_t e = index + k * W;
+        const VU lo = sr_round(b.x[k], sr_noise_at(j, e, iota() * 2u));
+        const VU hi = sr_round(b.x[k + 1], sr_noise_at(j, e, iota() * 2u + 1u));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * W), (__m256i)(lo | (hi << 16)));
+      }
+      return;
+    }
+#endif
+    store_block<VB, true>(p, b);
+  } else {
+    for (int k = 0; k < K; ++k) store_theta(p + k * W, b.x[k], j, index + k * W);
+  }
+}
+
 // Vectors per block at general p on AVX2: two for float32 params, four for 16-bit ones. Four run
 // the step faster from L1 (the chains of more vectors overlap) but spill about a quarter of the
 // loop's instructions to the stack for want of registers (objdump of the built loop). `python -m
@@ -702,8 +736,7 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
     const int64_t n = hi - lo;
     int64_t i = 0;
     V v = {}, x = {};
-    // bf16 params and state: even/odd pairs of vectors (load_pair), except with stochastic
-    // rounding (whose random bits follow the element index)
+    // bf16 params and state: even/odd pairs of vectors (load_pair)
     constexpr bool kPairs = SMES_W == 8 && __is_same(P, bf16) && __is_same(S, bf16);
 #if SMES_W == 8
     if constexpr (PC == P_GENERAL) {
@@ -711,8 +744,8 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
       // the out-of-order core overlaps (see VecMath::pow_hat).
       constexpr int kBlock = kBlockOf<P>;
       typedef Block<kBlock> VB;
-      auto blocks = [&](auto pairs) __attribute__((always_inline)) {
-        constexpr bool PR = decltype(pairs)::value;
+      auto blocks = [&](auto pairs, auto sr) __attribute__((always_inline)) {
+        constexpr bool PR = decltype(pairs)::value, SR = decltype(sr)::value;
         VB vb = {}, xb = {};
         for (; i + kBlock * W <= n; i += kBlock * W) {
           prefetch_lines(pp + i, kBlock * W);
@@ -725,19 +758,15 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
           vb = load_block<VB, PR>(vp + i);
           if (AMS) xb = load_block<VB, PR>(xp + i);
           smes_update<PC, TV, AMS, L2, VecMath>(th, g, m, vb, xb, s);
-          if (!PR && j.sr) {
-            for (int b = 0; b < kBlock; ++b)
-              store_theta(pp + i + b * W, th.x[b], j, lo + i + b * W);
-          } else {
-            store_block<VB, PR>(pp + i, th);
-          }
+          store_theta_block<VB, PR, SR>(pp + i, th, j, lo + i);
           store_block<VB, PR>(mp + i, m);
           store_block<VB, PR>(vp + i, vb);
           if (AMS) store_block<VB, PR>(xp + i, xb);
         }
       };
-      if (kPairs && !j.sr) blocks(BoolC<kPairs>{});
-      blocks(BoolC<false>{});
+      if (kPairs && j.sr) blocks(BoolC<kPairs>{}, BoolC<kPairs>{});
+      if (kPairs && !j.sr) blocks(BoolC<kPairs>{}, BoolC<false>{});
+      blocks(BoolC<false>{}, BoolC<false>{});
       // The rest as blocks of one vector: the same code for every element, so that a step is
       // bit-identical however a tensor is split (FSDP shards, thread segments). GCC contracts
       // a Block's a * b + c * d into an FMA the same way for every K, not always as for a V
@@ -770,8 +799,8 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
 #endif
     // Two vectors per iteration: two independent dependency chains (the general-p chain is
     // about 140 cycles long) keep the out-of-order window busy.
-    auto pairs_of_vectors = [&](auto pairs) __attribute__((always_inline)) {
-      constexpr bool PR = decltype(pairs)::value;
+    auto pairs_of_vectors = [&](auto pairs, auto sr) __attribute__((always_inline)) {
+      constexpr bool PR = decltype(pairs)::value, SR = decltype(sr)::value;
       typedef Block<2> V2;
       for (; i + 2 * W <= n; i += 2 * W) {
         const V2 th = load_block<V2, PR>(pp + i), g = load_block<V2, PR>(gp + i);
@@ -783,19 +812,15 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
         V v0 = vv.x[0], v1 = vv.x[1], x0 = xx.x[0], x1 = xx.x[1];
         smes_update<PC, TV, AMS, L2, VecMath>(th0, g.x[0], m0, v0, x0, s);
         smes_update<PC, TV, AMS, L2, VecMath>(th1, g.x[1], m1, v1, x1, s);
-        if (PR) {
-          store_block<V2, PR>(pp + i, V2{{th0, th1}});
-        } else {
-          store_theta(pp + i, th0, j, lo + i);
-          store_theta(pp + i + W, th1, j, lo + i + W);
-        }
+        store_theta_block<V2, PR, SR>(pp + i, V2{{th0, th1}}, j, lo + i);
         store_block<V2, PR>(mp + i, V2{{m0, m1}});
         if (TV) store_block<V2, PR>(vp + i, V2{{v0, v1}});
         if (AMS) store_block<V2, PR>(xp + i, V2{{x0, x1}});
       }
     };
-    if (kPairs && !j.sr) pairs_of_vectors(BoolC<kPairs>{});
-    pairs_of_vectors(BoolC<false>{});
+    if (kPairs && j.sr) pairs_of_vectors(BoolC<kPairs>{}, BoolC<kPairs>{});
+    if (kPairs && !j.sr) pairs_of_vectors(BoolC<kPairs>{}, BoolC<false>{});
+    pairs_of_vectors(BoolC<false>{}, BoolC<false>{});
     for (; i + W <= n; i += W) {
       V th = load(pp + i), g = load(gp + i), m = load(mp + i);
       if (TV) v = load(vp + i);
