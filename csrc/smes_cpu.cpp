@@ -655,6 +655,18 @@ TORCH_LIBRARY_IMPL(smes_fused, CPU, m) {
 static PyObject* smes_cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(smes::cpu::pick_kernels().isa);
 }
+// sr_noise_lanes of the kernel set in use: a list of 3 W noise values (tests only)
+static PyObject* smes_sr_noise_lanes(PyObject*, PyObject* args) {
+  unsigned int key;
+  long long index;
+  if (!PyArg_ParseTuple(args, "IL", &key, &index)) return nullptr;
+  const smes::cpu::Kernels& k = smes::cpu::pick_kernels();
+  uint32_t out[48];
+  k.sr_noise_lanes(key, index, out);
+  PyObject* list = PyList_New(3 * k.width);
+  for (int i = 0; i < 3 * k.width; ++i) PyList_SET_ITEM(list, i, PyLong_FromUnsignedLong(out[i]));
+  return list;
+}
 static PyObject* smes_has_cuda(PyObject*, PyObject*) {
 #ifdef SMES_WITH_CUDA
   Py_RETURN_TRUE;
@@ -665,6 +677,8 @@ static PyObject* smes_has_cuda(PyObject*, PyObject*) {
 static PyMethodDef smes_methods[] = {
     {"cpu_isa", smes_cpu_isa, METH_NOARGS, "The CPU kernel set in use: avx512, avx2 or base."},
     {"has_cuda", smes_has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"sr_noise_lanes", smes_sr_noise_lanes, METH_VARARGS,
+     "Stochastic rounding noise of a vector's and a pair's lanes at an element index (tests)."},
     {"step_direct", smes::cpu::step_direct, METH_VARARGS,
      "smes_step_ on plain CPU tensors without the dispatcher; NotImplemented when it cannot."},
     {"first_bad_grad", smes::cpu::first_bad_grad, METH_VARARGS,

@@ -65,13 +65,14 @@ SMES_HD U mix32(U x) {
 SMES_HD uint32_t sr_key(uint32_t seed, uint32_t step, uint32_t tensor) {
   return mix32(seed ^ mix32(step * 0x9E3779B9u + tensor));
 }
-// the noise of element index = hi * 2^32 + lo
+// the noise of element index = hi * 2^32 + lo from kh = key ^ mix32(hi), which the elements of a
+// vector share (the CPU kernel: kh and lo vectors)
 template <class U>
-SMES_HD U sr_noise(U key, U lo, U hi) {
-  return mix32(key ^ lo ^ mix32(hi)) & 0xFFFFu;
+SMES_HD U sr_noise_lo(U kh, U lo) {
+  return mix32(kh ^ lo) & 0xFFFFu;
 }
 SMES_HD uint32_t sr_noise(uint32_t key, uint64_t index) {
-  return sr_noise(key, (uint32_t)index, (uint32_t)(index >> 32));
+  return sr_noise_lo(key ^ mix32((uint32_t)(index >> 32)), (uint32_t)index);
 }
 
 // The per-tensor scalars of one step, hoisted out of the element loop (float32).

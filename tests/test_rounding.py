@@ -10,7 +10,7 @@ import torch
 from _backends import require, use_triton_interpreter
 
 from smes_fused import SMES
-from smes_fused._rounding import round_to_bf16, tensor_key
+from smes_fused._rounding import M32, mix, round_to_bf16, tensor_key
 
 use_triton_interpreter()
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
@@ -84,37 +84,71 @@ def test_same_bits_as_the_definition_in_every_backend(backend):
         assert torch.equal(a, b)
 
 
+def _cpu_isa(monkeypatch, isa: str) -> None:
+    """Run the CPU backend on kernel set ``isa``; skip where this CPU does not have it."""
+    require("cpu")
+    from smes_fused import _ops
+
+    monkeypatch.setenv("SMES_CPU_ISA", isa)
+    if _ops.cpu_isa() != isa:
+        pytest.skip(f"this CPU has no {isa}")
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
 @pytest.mark.parametrize("exponent", [0.5, -0.08])
-def test_cpu_rounds_its_own_float32_result(monkeypatch, isa, exponent):
-    """Every CPU kernel set and loop (p = 0.5 and general p take different loops on AVX2; sizes
-    with a partial last vector): the bf16 θ of a stochastically rounded step is exactly
-    ``round_to_bf16`` of the float32 θ that the same kernel computes for float32 params holding
-    the same values (the kernel works in float32 either way), with each tensor's own key; inf,
-    NaN and the largest bf16 among them. (The
-    AVX2 general-p loop once rounded the last elements of a segment, past its blocks, to
-    nearest.)"""
-    require("cpu")
-    monkeypatch.setenv("SMES_CPU_ISA", isa)
+@pytest.mark.parametrize(
+    "state_dtype, projection",
+    # (projected with bf16 state, the second pass reads the moments as stored: rounded to bf16)
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+)
+def test_cpu_rounds_its_own_float32_result(monkeypatch, isa, exponent, state_dtype, projection):
+    """Every CPU kernel set and loop (p = 0.5 and general p take different loops on AVX2, bf16
+    state the even/odd-pair ones, projected tensors two passes; sizes with a partial last
+    vector, and one that two threads split mid-vector): the bf16 θ of a stochastically rounded
+    first step is exactly ``round_to_bf16`` of the float32 θ that the same kernel computes for
+    float32 params and state holding the same values (the kernel works in float32 either way,
+    and the state starts at 0), with each tensor's own key; inf, NaN and the largest bf16 among
+    them. (The AVX2 general-p loop once rounded the last elements of a segment, past its
+    blocks, to nearest.)"""
+    _cpu_isa(monkeypatch, isa)
     torch.manual_seed(0)
-    sizes = [(64, 33), (1003,), (5,), (4099,)]
+    sizes = [(64, 33), (1003,), (5,), (4099,), (70001,)]
     th = [torch.randn(s).bfloat16() for s in sizes]
     gs = [torch.randn(s).bfloat16() for s in sizes]
     th[1][:4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.3895e38])
 
-    def step(dtype, sr):
+    def step(dtype, sdt, sr):
         ps = [t.to(dtype, copy=True).requires_grad_() for t in th]
         opt = SMES(ps, lr=1e-2, exponent=exponent, stochastic_rounding=sr, rounding_seed=5,
-                   state_dtype=torch.float32, backend="cpu")  # fmt: skip
+                   state_dtype=sdt, projection=projection, backend="cpu")  # fmt: skip
         for p, g in zip(ps, gs):
             p.grad = g.to(dtype)
         opt.step()
         return [p.detach() for p in ps]
 
-    exact = step(torch.float32, False)
-    for i, (a, x) in enumerate(zip(step(torch.bfloat16, True), exact)):
+    exact = step(torch.float32, torch.float32, False)
+    for i, (a, x) in enumerate(zip(step(torch.bfloat16, state_dtype, True), exact)):
         ref = round_to_bf16(x, tensor_key(5, 1, i))
         torch.testing.assert_close(a, ref, rtol=0, atol=0, equal_nan=True, msg=f"{isa} {i}")
+    monkeypatch.delenv("SMES_CPU_ISA")
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
+def test_cpu_noise_of_lanes_past_a_multiple_of_2_32(monkeypatch, isa):
+    """The CPU kernels hash the high word of the element index once per vector, and the lanes of
+    a vector (or of an even/odd pair) that straddles a multiple of 2^32 take the next one:
+    checked lane by lane against the definition at indices no tensor of a test reaches."""
+    _cpu_isa(monkeypatch, isa)
+    from smes_fused._ops import _C
+
+    key = tensor_key(3, 7, 1)
+    for index in (0, 12345, 2**32 - 1, 2**32 - 5, 2**32 - 9, 2**32 - 31, 2**32, 3 * 2**32 - 2,
+                  2**40 + 2**32 - 3):  # fmt: skip
+        lanes = _C.sr_noise_lanes(key, index)
+        w = len(lanes) // 3
+        offsets = [*range(w), *range(0, 2 * w, 2), *range(1, 2 * w, 2)]
+        idx = torch.tensor([index + o for o in offsets], dtype=torch.int64)
+        assert lanes == (mix(key ^ (idx & M32) ^ mix(idx >> 32)) & 0xFFFF).tolist(), (isa, index)
     monkeypatch.delenv("SMES_CPU_ISA")
 
 
