@@ -13,7 +13,7 @@ AdamW step (--compile only, first cell only: compiling for thousands of tensors 
 minutes on CPU),
 every usable SMES backend of the device (not "reference"), and the roofline: on CPU a kernel
 with the optimizer's memory pattern (smes_fused's roofline_ op when the compiled extension has
-it, else torch foreach adds), on GPU a device-to-device copy.
+it, else torch foreach adds; float32 only, none for bf16 params), on GPU a device-to-device copy.
 
 Bytes per parameter (for GB/s): 28 for float32 AdamW and SMES (read param, grad, m, v; write
 param, m, v), 20 for SMES at p = 0 (v is not used), and what the roofline itself moves.
