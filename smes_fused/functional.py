@@ -8,6 +8,7 @@ covers every tensor of a (device, param dtype, state dtype) bucket in one launch
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -192,42 +193,28 @@ def scalar_tensor(name: str, t) -> Tensor | None:
     return t.view(())
 
 
-def make_hyper(
-    *,
-    lr,
-    betas,
-    eps,
-    weight_decay,
-    exponent,
-    decoupled_weight_decay,
-    amsgrad,
-    maximize,
-    bias_correction,
-    track_second_moment,
-    projection=False,
-    projection_delta=0.1,
-    projection_wd_ratio=0.1,
-    rectify=False,
-    second_moment="ema",
-    stochastic_rounding=False,
-    rounding_seed=0,
-) -> Hyper:
-    """Validated hyperparameters (see :func:`check_hyper`) as the backends read them."""
-    check_hyper(
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        exponent=exponent,
-        track_second_moment=track_second_moment,
-        projection=projection,
-        projection_delta=projection_delta,
-        projection_wd_ratio=projection_wd_ratio,
-        rectify=rectify,
-        second_moment=second_moment,
-        stochastic_rounding=stochastic_rounding,
-        rounding_seed=rounding_seed,
-    )
+# check_hyper's keywords with their defaults (the SPEC §4 options and track_second_moment).
+OPTION_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(check_hyper).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
+# Every keyword of make_hyper: a param group's keys that reach the backends.
+HYPER_KEYS = (
+    "decoupled_weight_decay",
+    "amsgrad",
+    "maximize",
+    "bias_correction",
+    *inspect.signature(check_hyper).parameters,
+)
+
+
+def make_hyper(*, decoupled_weight_decay, amsgrad, maximize, bias_correction, **options) -> Hyper:
+    """Validated hyperparameters as the backends read them. ``options``: the keywords of
+    :func:`check_hyper` (which validates them), those with defaults optional."""
+    check_hyper(**options)
+    o = {**OPTION_DEFAULTS, **options}
+    lr = o["lr"]
     return Hyper(
         # A tensor lr of any shape with one element ([], [1], [1, 1]) is read through a 0-d view,
         # so a scheduler's in-place update of the group's tensor is seen.
@@ -235,23 +222,23 @@ def make_hyper(
         lr=lr.view(())
         if isinstance(lr, Tensor)
         else (lr if torch.compiler.is_compiling() else float(lr)),
-        beta1=float(betas[0]),
-        beta2=float(betas[1]),
-        eps=float(eps),
-        exponent=float(exponent),
-        weight_decay=float(weight_decay),
+        beta1=float(o["betas"][0]),
+        beta2=float(o["betas"][1]),
+        eps=float(o["eps"]),
+        exponent=float(o["exponent"]),
+        weight_decay=float(o["weight_decay"]),
         decoupled=bool(decoupled_weight_decay),
         amsgrad=bool(amsgrad),
         maximize=bool(maximize),
         bias_correction=bool(bias_correction),
-        track_v=bool(track_second_moment),
-        projection=projection,
-        projection_delta=float(projection_delta),
-        projection_wd_ratio=float(projection_wd_ratio),
-        rectify=rectify,
-        second_moment_sum=second_moment == "sum",
-        stochastic_rounding=stochastic_rounding,
-        rounding_seed=int(rounding_seed),
+        track_v=bool(o["track_second_moment"]),
+        projection=o["projection"],
+        projection_delta=float(o["projection_delta"]),
+        projection_wd_ratio=float(o["projection_wd_ratio"]),
+        rectify=o["rectify"],
+        second_moment_sum=o["second_moment"] == "sum",
+        stochastic_rounding=o["stochastic_rounding"],
+        rounding_seed=int(o["rounding_seed"]),
     )
 
 

@@ -45,15 +45,9 @@ def lr_for_exponent(exponent: float, adamw_lr: float = 1e-3, typical_grad: float
 
 
 # SPEC §4 options: a group (or a pickle / checkpoint) made before they existed has their defaults.
-_EXTENSION_DEFAULTS = dict(
-    projection=False,
-    projection_delta=0.1,
-    projection_wd_ratio=0.1,
-    rectify=False,
-    second_moment="ema",
-    stochastic_rounding=False,
-    rounding_seed=0,
-)
+_EXTENSION_DEFAULTS = {
+    k: v for k, v in functional.OPTION_DEFAULTS.items() if k != "track_second_moment"
+}
 
 
 class SMES(Optimizer):
@@ -552,25 +546,7 @@ def _group_hyper(group: dict):
         raise ValueError(
             f"Invalid state_dtype: {sd!r}; expected None, 'param' or a floating torch.dtype"
         )
-    return functional.make_hyper(
-        lr=group["lr"],
-        betas=group["betas"],
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        exponent=group["exponent"],
-        decoupled_weight_decay=group["decoupled_weight_decay"],
-        amsgrad=group["amsgrad"],
-        maximize=group["maximize"],
-        bias_correction=group["bias_correction"],
-        track_second_moment=group["track_second_moment"],
-        projection=group["projection"],
-        projection_delta=group["projection_delta"],
-        projection_wd_ratio=group["projection_wd_ratio"],
-        rectify=group["rectify"],
-        second_moment=group["second_moment"],
-        stochastic_rounding=group["stochastic_rounding"],
-        rounding_seed=group["rounding_seed"],
-    )
+    return functional.make_hyper(**{k: group[k] for k in functional.HYPER_KEYS})
 
 
 def _signature(opt: SMES, hypers: list) -> tuple:

@@ -400,3 +400,19 @@ def test_cached_buckets_follow_every_change(backend):
     opt.step()
     assert opt.state[extra]["step"].item() == 1
     assert opt.state[ps[0]]["step"].item() == 2
+
+
+def test_option_defaults_agree_everywhere():
+    """The SPEC §4 options default alike in SMES, functional.smes and the validation that fills
+    in groups and old checkpoints (functional.OPTION_DEFAULTS, from check_hyper)."""
+    import inspect
+
+    from smes_fused import SMES
+
+    for fn in (SMES.__init__, functional.smes):
+        params = inspect.signature(fn).parameters
+        for name, default in functional.OPTION_DEFAULTS.items():
+            if name == "track_second_moment":
+                continue  # SMES: None (exponent != 0); smes(): from the exp_avg_sqs given
+            assert params[name].default == default, (fn.__qualname__, name)
+    assert set(functional.HYPER_KEYS) <= set(inspect.signature(SMES.__init__).parameters)
