@@ -660,11 +660,10 @@ static PyObject* smes_sr_noise_lanes(PyObject*, PyObject* args) {
   unsigned int key;
   long long index;
   if (!PyArg_ParseTuple(args, "IL", &key, &index)) return nullptr;
-  const smes::cpu::Kernels& k = smes::cpu::pick_kernels();
   uint32_t out[48];
-  k.sr_noise_lanes(key, index, out);
-  PyObject* list = PyList_New(3 * k.width);
-  for (int i = 0; i < 3 * k.width; ++i) PyList_SET_ITEM(list, i, PyLong_FromUnsignedLong(out[i]));
+  const int n = smes::cpu::pick_kernels().sr_noise_lanes(key, index, out);
+  PyObject* list = PyList_New(n);
+  for (int i = 0; i < n; ++i) PyList_SET_ITEM(list, i, PyLong_FromUnsignedLong(out[i]));
   return list;
 }
 static PyObject* smes_has_cuda(PyObject*, PyObject*) {

@@ -39,5 +39,5 @@ void apply_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b,
 
 smes::cpu::Kernels smes::cpu::kernels_avx2() {
   return {"avx2", &avx2::step_range, &avx2::roofline_range, &avx2::stats_range,
-          &avx2::apply_range, &avx2::sr_noise_lanes, 8};
+          &avx2::apply_range, &avx2::sr_noise_lanes};
 }

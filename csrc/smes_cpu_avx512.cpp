@@ -35,5 +35,5 @@ void apply_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b,
 
 smes::cpu::Kernels smes::cpu::kernels_avx512() {
   return {"avx512", &avx512::step_range, &avx512::roofline_range, &avx512::stats_range,
-          &avx512::apply_range, &avx512::sr_noise_lanes, 16};
+          &avx512::apply_range, &avx512::sr_noise_lanes};
 }

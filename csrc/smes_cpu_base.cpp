@@ -35,5 +35,5 @@ void apply_range(const TensorJob* jobs, const int64_t* starts, int n, int64_t b,
 
 smes::cpu::Kernels smes::cpu::kernels_base() {
   return {"base", &base::step_range, &base::roofline_range, &base::stats_range,
-          &base::apply_range, &base::sr_noise_lanes, 4};
+          &base::apply_range, &base::sr_noise_lanes};
 }

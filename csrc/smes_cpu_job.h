@@ -41,9 +41,9 @@ struct Kernels {
   RangeFn roofline;
   RangeFn proj_stats;  // the projection's first pass (moments and row sums)
   RangeFn proj_apply;  // its second pass (the projected update of theta)
-  // stochastic rounding's noise of the lanes of a vector and of a pair (tests only)
-  void (*sr_noise_lanes)(uint32_t key, int64_t index, uint32_t* out);
-  int width;  // floats per vector
+  // stochastic rounding's noise of the lanes of a vector and of a pair; returns how many values
+  // it wrote, 3 floats-per-vector (tests only)
+  int (*sr_noise_lanes)(uint32_t key, int64_t index, uint32_t* out);
 };
 
 Kernels kernels_avx512();

@@ -648,12 +648,13 @@ SMES_CPU_INLINE void store_theta(bf16* p, V x, const TensorJob& j, int64_t index
 }
 // sr_noise_at's noise for the lanes of a vector (index + k), then of a pair (index + 2k, index +
 // 2k + 1): 3 W values, for tests/test_rounding.py (indices that straddle a multiple of 2^32)
-void sr_noise_lanes(uint32_t key, int64_t index, uint32_t* out) {
+int sr_noise_lanes(uint32_t key, int64_t index, uint32_t* out) {
   TensorJob j{};
   j.sr_key = key;
   const VU r[3] = {sr_noise_at(j, index, iota()), sr_noise_at(j, index, iota() * 2u),
                    sr_noise_at(j, index, iota() * 2u + 1u)};
   __builtin_memcpy(out, r, sizeof r);
+  return 3 * W;
 }
 template <class P>
 SMES_CPU_INLINE void store_theta_n(P* p, V x, int n, const TensorJob& j, int64_t index) {
