@@ -11,6 +11,10 @@ every backend and reproducible from the seed and the step:
 where ``mix`` is MurmurHash3's 32-bit finaliser, ``step`` the step count of this step (1 on the
 first), ``tensor`` the tensor's position in its bucket and ``index`` the element's (64-bit).
 Non-finite values round to nearest (NaN stays NaN, ±inf stays ±inf).
+
+A shard of a sharded param (a DTensor: FSDP2, tensor parallel) indexes its own elements from 0,
+so it rounds with its own seed, :func:`shard_seed` of the group's seed and the shard's offset
+in the whole param: shards draw independent noise, and replicas of one shard the same.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ def tensor_key(seed: int, step, tensor: int):
     else:
         step = int(step)
     return mix(seed ^ mix(step * GOLDEN + tensor))
+
+
+def shard_seed(seed: int, offset: int) -> int:
+    """The seed of a shard whose first element is element ``offset`` of the whole param
+    (row-major): ``seed ^ mix(lo(offset) ^ mix(hi(offset)))``; ``seed`` itself at offset 0
+    (mix(0) = 0), so an unsharded or replicated param keeps it."""
+    return seed ^ mix((offset & M32) ^ mix(offset >> 32))
 
 
 def round_to_bf16(x: Tensor, key) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import warnings
@@ -14,6 +15,7 @@ from torch.optim import Optimizer
 
 from . import _ops, functional
 from ._bucket import Bucket, BucketKey
+from ._rounding import shard_seed
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -525,6 +527,27 @@ def _local_grad(p: Tensor, g: Tensor) -> Tensor:
     return g.to_local()
 
 
+def _shard_offset(p) -> int:
+    """The index in the whole param (row-major) of a DTensor's first local element."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    flat, stride = 0, 1
+    for size, offset in zip(reversed(p.shape), reversed(offsets)):
+        flat += offset * stride
+        stride *= size
+    return flat
+
+
+def _shard_hypers(hypers: list, offsets: list[int]) -> list:
+    """The hypers of a bucket's tensors, those of shards off offset 0 with their own rounding
+    seed (``_rounding.shard_seed``): shards draw independent noise, replicas the same."""
+    return [
+        dataclasses.replace(h, rounding_seed=shard_seed(h.rounding_seed, o)) if o else h
+        for h, o in zip(hypers, offsets)
+    ]
+
+
 def _wider(a: torch.dtype, b: torch.dtype) -> bool:
     return torch.finfo(a).bits > torch.finfo(b).bits or (a == torch.float32 and b in _SIXTEEN_BIT)
 
@@ -620,6 +643,9 @@ class _Plan:
         self.refs: dict[BucketKey, Bucket] = {}
         self.index: dict[BucketKey, list[int]] = {}  # flat param index per bucket tensor
         self.group_of: dict[BucketKey, list[int]] = {}  # group index per bucket tensor
+        # per bucket tensor: a stochastically rounded DTensor's offset in its whole param (its
+        # seed is salted with it), else 0; kept for buckets with a shard off offset 0 only
+        self.seed_offsets: dict[BucketKey, list[int]] = {}
         for i, p, gi, sdt in todo:
             group, h = groups[gi], hypers[gi]
             key = BucketKey(p.device, p.dtype, sdt)
@@ -641,6 +667,11 @@ class _Plan:
             functional.add_to_buckets(self.buckets, *entry)
             self.index.setdefault(key, []).append(i)
             self.group_of.setdefault(key, []).append(gi)
+            offset = _shard_offset(p) if h.stochastic_rounding and _is_dtensor(p) else 0
+            self.seed_offsets.setdefault(key, []).append(offset)
+        self.seed_offsets = {k: o for k, o in self.seed_offsets.items() if any(o)}
+        for key, offsets in self.seed_offsets.items():
+            self.buckets[key].hypers = _shard_hypers(self.buckets[key].hypers, offsets)
         self.has_grad = [g is not None for g in grads]
         self.signature = _signature(opt, hypers)
         self.params = params = [p for group in groups for p in group["params"]]
@@ -689,3 +720,5 @@ class _Plan:
                 b.hypers = hypers * len(group_of)
             else:
                 b.hypers = [hypers[gi] for gi in group_of]
+            if key in self.seed_offsets:
+                b.hypers = _shard_hypers(b.hypers, self.seed_offsets[key])

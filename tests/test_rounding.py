@@ -10,7 +10,7 @@ import torch
 from _backends import require, use_triton_interpreter
 
 from smes_fused import SMES
-from smes_fused._rounding import M32, mix, round_to_bf16, tensor_key
+from smes_fused._rounding import M32, mix, round_to_bf16, shard_seed, tensor_key
 
 use_triton_interpreter()
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
@@ -31,6 +31,15 @@ def test_definition_is_unbiased_and_keeps_specials():
     out = round_to_bf16(specials, 7).float()
     assert out[0].isnan() and out[1] == float("inf") and out[2] == -float("inf")
     assert out[3] == 0 and out[4] == 0
+
+
+def test_shard_seed():
+    """A shard's seed (tests/test_stacks.py steps sharded params): the group's seed at offset 0,
+    a seed of its own at every other offset, 64-bit offsets included."""
+    assert mix(0) == 0 and shard_seed(5, 0) == 5
+    offsets = [0, 1, 2, 1024, 2**31, 2**32, 2**32 + 1, 3 * 2**40 + 7]
+    seeds = [shard_seed(5, o) for o in offsets]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)
 
 
 def _decay_step(backend, n=200_000, seed=0, sr=True, dtype=torch.bfloat16):

@@ -209,6 +209,32 @@ def _case_dcp_resume(rank, world_size, backend, ckpt_dir):
     return straight, _full(model)
 
 
+def _case_sr_shards(rank, world_size, backend):
+    """bf16 params with stochastic rounding, one step on the same values and gradients on both
+    ranks: a Shard(0) weight whose two halves are alike (FSDP2), and a replicated DTensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    from smes_fused import SMES
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight[16:] = lin.weight[:16]  # rank 1's shard (rows 16..31) = rank 0's (0..15)
+    fully_shard(lin)
+    mesh = init_device_mesh("cpu", (world_size,))
+    rep = torch.nn.Parameter(distribute_tensor(torch.randn(16, 64).bfloat16(), mesh, [Replicate()]))
+    g = torch.Generator().manual_seed(7)  # the same gradients on both ranks
+    for p in (lin.weight, rep):
+        local = torch.randn(p.to_local().shape, generator=g).bfloat16()
+        p.grad = DTensor.from_local(local, p.device_mesh, p.placements)
+    opt = SMES([lin.weight, rep], lr=3e-3, stochastic_rounding=True, rounding_seed=5,
+               backend=backend)  # fmt: skip
+    opt.step()
+    return [p.to_local().detach().clone() for p in (lin.weight, rep)]
+
+
 CASES = (
     [("ddp", b) for b in CPU_BACKENDS]
     + [("zero", b) for b in CPU_BACKENDS]
@@ -216,6 +242,7 @@ CASES = (
     + [("fsdp2_shard1", b) for b in CPU_BACKENDS]
     + [("fsdp2_adamw", "auto")]
     + [("dcp_resume", b) for b in CPU_BACKENDS]
+    + [("sr_shards", b) for b in CPU_BACKENDS]
     + [("example", "auto")]
 )
 
@@ -305,6 +332,21 @@ def test_fsdp2_dcp_resume_bit_identical(dist_results, backend):
     model + SMES, 2 more steps: bit-identical to 4 uninterrupted steps."""
     for straight, resumed in _result(dist_results, "dcp_resume", backend):
         _assert_equal_lists(straight, resumed, f"DCP resume[{backend}]")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_stochastic_rounding_noise_per_shard(dist_results, backend):
+    """Stochastic rounding of sharded bf16 params: each shard draws its own noise (two alike
+    shards of an FSDP2 weight round differently: the seed is salted with the shard's offset in
+    the whole param), replicas of one shard draw the same (a replicated DTensor stays equal on
+    every rank), and every backend draws the same bits."""
+    (w0, rep0), (w1, rep1) = _result(dist_results, "sr_shards", backend)
+    differ = (w0.view(torch.int16) != w1.view(torch.int16)).double().mean().item()
+    assert differ > 0.1, f"the two shards' rounding agree in {1 - differ:.1%} of the elements"
+    assert torch.equal(rep0.view(torch.int16), rep1.view(torch.int16))
+    ref = _result(dist_results, "sr_shards", "reference")
+    for i, (mine, theirs) in enumerate(zip((w0, rep0, w1, rep1), (*ref[0], *ref[1]))):
+        assert torch.equal(mine.view(torch.int16), theirs.view(torch.int16)), f"tensor {i}"
 
 
 # ------------------------------------------------------------------------ single process
