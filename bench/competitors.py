@@ -89,8 +89,8 @@ def specs(
         out.append(Spec("AdamW for-loop", adamw_bytes, _adamw(clip, foreach=False)))
     if compile:
         out.append(Spec("AdamW compiled", adamw_bytes, _compiled_adamw))
-    state_dtype = smes_state if smes_state is not None else (
-        None if dtype == torch.float32 else "param"
+    state_dtype = (
+        smes_state if smes_state is not None else (None if dtype == torch.float32 else "param")
     )
     for b in backends:
         nbytes = bytes_per_param(exponent, dtype, projected if projection else 0.0, smes_state)
