@@ -493,7 +493,7 @@ def _clip_scale(grads: list, max_norm: float, grad_scale: Tensor | None):
     present = [g for g in grads if g is not None]
     if not present:
         return None, grad_scale
-    norm = torch.nn.utils.get_total_norm(present, 2.0)
+    norm = _total_norm(present)
     if _is_dtensor(norm):
         norm = norm.full_tensor()
     norm = norm.float()
@@ -502,6 +502,22 @@ def _clip_scale(grads: list, max_norm: float, grad_scale: Tensor | None):
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     scale = 1.0 / coef if grad_scale is None else grad_scale.to(coef.device, torch.float32) / coef
     return norm, scale
+
+
+def _total_norm(grads: list[Tensor]) -> Tensor:
+    """The L2 norm of ``grads`` as ``torch.nn.utils.get_total_norm`` computes it (one
+    multi-tensor pass per device and dtype), but accumulated in float32 for 16-bit grads: their
+    own dtype overflows on GradScaler-scaled float16 grads (65536 times a norm of 1 is past
+    float16's 65504) and rounds a bf16 norm to 3 digits."""
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = []
+    for (_, dtype), ts in groups.items():
+        wide = None if dtype in (torch.float32, torch.float64) else torch.float32
+        norms.extend(torch._foreach_norm(ts, 2.0, dtype=wide))
+    first = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), 2.0)
 
 
 def _is_dtensor(t) -> bool:

@@ -108,6 +108,27 @@ def test_grad_scaler_norm_is_of_the_unscaled_grads_and_found_inf_changes_nothing
         assert torch.equal(p, b) and torch.equal(opt.state[p]["step"], s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad_scaler_norm_of_16bit_grads_does_not_overflow(backend, dtype):
+    """GradScaler's 65536 on float16 grads: every scaled grad is finite, their norm is not in
+    float16 (it was computed there, became inf, clipped every step to nothing, and the scaler
+    never saw an inf). The norm is accumulated in float32: the step is that of the unscaled
+    grads."""
+    g = (torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.5).to(dtype)
+    ours, theirs = (torch.ones(1000, dtype=dtype, requires_grad=True) for _ in range(2))
+    opt = SMES([ours], lr=1e-2, max_grad_norm=1.0, backend=backend)
+    ref = SMES([theirs], lr=1e-2, max_grad_norm=1.0, backend=backend)
+    ours.grad, theirs.grad = g * 65536.0, g.clone()
+    assert torch.isfinite(ours.grad).all()
+    assert torch.isfinite(ours.grad.norm()) == (dtype == torch.bfloat16)
+    opt.step(grad_scale=torch.tensor(65536.0), found_inf=torch.tensor(0.0))
+    ref.step()
+    assert_close(opt.grad_norm, g.float().norm())
+    assert_close(ref.grad_norm, g.float().norm())
+    assert not torch.equal(ours, torch.ones_like(ours))
+    assert_close(ours, theirs)
+
+
 def test_infinite_max_norm_reports_the_norm_without_clipping():
     ours, theirs = _params(), _params()
     opt = SMES(ours, max_grad_norm=float("inf"))

@@ -209,6 +209,24 @@ def _case_dcp_resume(rank, world_size, backend, ckpt_dir):
     return straight, _full(model)
 
 
+def _case_fsdp2_clip(rank, world_size, backend):
+    """Fused clipping with FSDP2: the norm of the whole (sharded) gradient, every step clipped."""
+    from smes_fused import SMES
+
+    def make(ps):
+        return SMES(ps, lr=1e-2, exponent=EXPONENT, max_grad_norm=0.05, backend=backend)
+
+    model = _fsdp2()
+    opt = make(model.parameters())
+    norms = []
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        _loss(model, rank, step).backward()
+        opt.step()
+        norms.append(opt.grad_norm.clone())
+    return _full(model), _single_process(backend, STEPS, world_size, make), norms
+
+
 def _case_sr_shards(rank, world_size, backend):
     """bf16 params with stochastic rounding, one step on the same values and gradients on both
     ranks: a Shard(0) weight whose two halves are alike (FSDP2), and a replicated DTensor."""
@@ -243,6 +261,7 @@ CASES = (
     + [("fsdp2_adamw", "auto")]
     + [("dcp_resume", b) for b in CPU_BACKENDS]
     + [("sr_shards", b) for b in CPU_BACKENDS]
+    + [("fsdp2_clip", b) for b in CPU_BACKENDS]
     + [("example", "auto")]
 )
 
@@ -332,6 +351,16 @@ def test_fsdp2_dcp_resume_bit_identical(dist_results, backend):
     model + SMES, 2 more steps: bit-identical to 4 uninterrupted steps."""
     for straight, resumed in _result(dist_results, "dcp_resume", backend):
         _assert_equal_lists(straight, resumed, f"DCP resume[{backend}]")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fsdp2_clipping_equals_single_process(dist_results, backend):
+    """max_grad_norm under FSDP2: the norm of the whole gradient (the shards' norms combined
+    across ranks), so the clipped steps are those of one process on the averaged gradient."""
+    for dist_params, single, norms in _result(dist_results, "fsdp2_clip", backend):
+        assert all(float(n) > 0.05 for n in norms)  # clipped every step
+        for x, y in zip(dist_params, single):
+            torch.testing.assert_close(x, y)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
