@@ -232,7 +232,7 @@ void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const
     // Rectification before rho_t > 5: this step is the p = 0 rule (v is still updated).
     if (!j.s.adaptive) j.code = (j.code & ~kPClassMask) | P_ZERO;
     j.sr = (flags & kFlagSR) && pdt == BF16;
-    j.sr_key = j.sr ? sr_key((uint32_t)h[kRoundingSeed], (uint32_t)step, (uint32_t)i) : 0u;
+    j.sr_key = j.sr ? sr_key((uint32_t)h[kRoundingSeed], (uint32_t)step) : 0u;
     t_starts[i] = total;
     if ((flags & kFlagProjection) && p.dim() > 1 && j.numel > 0) {
       // Projected (SPEC §4): two passes over its rows, after the other tensors.

@@ -173,7 +173,7 @@ __device__ __forceinline__ void apply_chunk(const TensorArgs& ta, int64_t base, 
   S* __restrict__ xp = AMS ? static_cast<S*>(ta.vmax) + base : nullptr;
 
   const bool sr = (ta.flags & kFlagSR) != 0;
-  const uint32_t key = sr ? sr_key(ta.rounding_seed, static_cast<uint32_t>(*ta.step), ta.index) : 0u;
+  const uint32_t key = sr ? sr_key(ta.rounding_seed, static_cast<uint32_t>(*ta.step)) : 0u;
   if constexpr (PHASE != 0) {
     // Row length and row of an element without 64-bit integer division (a subroutine that
     // spills): a float64 quotient, corrected to the exact floor.

@@ -30,8 +30,8 @@ struct TensorArgs {
   // 0 for a tensor never projected), the first row and the tensor's slot in the row buffers.
   float proj_delta, proj_wd_ratio;
   int64_t rows, row0, slot;
-  // Stochastic rounding (kFlagSR in flags, bf16 params): the seed and the tensor's position.
-  uint32_t rounding_seed, index;
+  // Stochastic rounding (kFlagSR in flags, bf16 params): the tensor's seed (_rounding.tensor_seed).
+  uint32_t rounding_seed;
 };
 
 // The projection's device buffers: 4 float row sums and 1 coefficient per row, 1 flag per tensor.

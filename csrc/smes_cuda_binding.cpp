@@ -146,7 +146,6 @@ void smes_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     a.row0 = 0;
     a.slot = 0;
     a.rounding_seed = static_cast<uint32_t>(h[kRoundingSeed]);
-    a.index = static_cast<uint32_t>(i);
     if ((code & kProject) && p.dim() > 1 && p.numel() > 0) {
       TORCH_CHECK(p.is_contiguous(), "smes_fused: layout: params[", i,
                   "] is projected (projection=True) but not contiguous (strides ", p.strides(),

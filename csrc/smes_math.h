@@ -62,8 +62,9 @@ SMES_HD U mix32(U x) {
   x *= 0xC2B2AE35u;
   return x ^ (x >> 16);
 }
-SMES_HD uint32_t sr_key(uint32_t seed, uint32_t step, uint32_t tensor) {
-  return mix32(seed ^ mix32(step * 0x9E3779B9u + tensor));
+// the key of a step: seed is the tensor's own (smes_fused/_rounding.py, tensor_seed)
+SMES_HD uint32_t sr_key(uint32_t seed, uint32_t step) {
+  return mix32(seed ^ mix32(step * 0x9E3779B9u));
 }
 // the noise of element index = hi * 2^32 + lo from kh = key ^ mix32(hi), which the elements of a
 // vector share (the CPU kernel: kh and lo vectors)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _ops, backends
 from ._bucket import Bucket, BucketKey, Hyper
+from ._rounding import tensor_salt
 
 __all__ = [
     "smes",
@@ -242,6 +243,15 @@ def make_hyper(*, decoupled_weight_decay, amsgrad, maximize, bias_correction, **
     )
 
 
+def seed_tensors(hypers: Sequence[Hyper], salts: Sequence[int]) -> list[Hyper]:
+    """The hypers of a bucket's tensors, each stochastically rounding one with its own seed (its
+    group's ``rounding_seed`` XOR its salt, ``_rounding.tensor_salt``), the others as they are."""
+    return [
+        h.with_seed(h.rounding_seed ^ s) if h.stochastic_rounding else h
+        for h, s in zip(hypers, salts)
+    ]
+
+
 def add_to_buckets(buckets: dict[BucketKey, Bucket], param, grad, m, v, vmax, step, h) -> None:
     key = BucketKey(param.device, param.dtype, m.dtype)
     b = buckets.get(key)
@@ -347,6 +357,9 @@ def smes(
         check_param(params[i])
     check_grads(params, grads)
     buckets: dict[BucketKey, Bucket] = {}
+    hypers = [h] * n
+    if h.stochastic_rounding:  # each tensor's own seed
+        hypers = seed_tensors(hypers, [tensor_salt(i) for i in range(n)])
     for i in range(n):
         if h.variant.amsgrad and max_exp_avg_sqs[i] is None:
             raise ValueError("amsgrad=True needs max_exp_avg_sqs tensors")
@@ -358,6 +371,6 @@ def smes(
             exp_avg_sqs[i],
             max_exp_avg_sqs[i],
             state_steps[i],
-            h,
+            hypers[i],
         )
     apply(buckets, resolve(buckets, backend), grad_scale=grad_scale, found_inf=found_inf)

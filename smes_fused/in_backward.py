@@ -153,6 +153,7 @@ class InBackwardSMES(SMES):
                 size = 0
             chunks[-1].append((gi, p))
             size += nbytes
+        position = {id(p): k for k, (_, p) in enumerate(flat)}
         ref = weakref.ref(self)
         for bi, chunk in enumerate(chunks):
             by_group: dict[int, list[Tensor]] = {}
@@ -167,6 +168,8 @@ class InBackwardSMES(SMES):
             )  # fmt: skip
             worker.state = self.state
             params = [p for gi in index for p in by_group[gi]]  # the worker's order
+            # stochastic rounding: each param's seed from its place here, not in the worker
+            worker._rounding_positions = {id(p): position[id(p)] for p in params}
             self._buckets.append(_Bucket(params, worker, index))
             for slot, p in enumerate(params):
                 self._hooks.append(

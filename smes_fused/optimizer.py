@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import warnings
@@ -15,7 +14,7 @@ from torch.optim import Optimizer
 
 from . import _ops, functional
 from ._bucket import Bucket, BucketKey
-from ._rounding import shard_seed
+from ._rounding import tensor_salt
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -555,15 +554,6 @@ def _shard_offset(p) -> int:
     return flat
 
 
-def _shard_hypers(hypers: list, offsets: list[int]) -> list:
-    """The hypers of a bucket's tensors, those of shards off offset 0 with their own rounding
-    seed (``_rounding.shard_seed``): shards draw independent noise, replicas the same."""
-    return [
-        dataclasses.replace(h, rounding_seed=shard_seed(h.rounding_seed, o)) if o else h
-        for h, o in zip(hypers, offsets)
-    ]
-
-
 def _wider(a: torch.dtype, b: torch.dtype) -> bool:
     return torch.finfo(a).bits > torch.finfo(b).bits or (a == torch.float32 and b in _SIXTEEN_BIT)
 
@@ -659,9 +649,10 @@ class _Plan:
         self.refs: dict[BucketKey, Bucket] = {}
         self.index: dict[BucketKey, list[int]] = {}  # flat param index per bucket tensor
         self.group_of: dict[BucketKey, list[int]] = {}  # group index per bucket tensor
-        # per bucket tensor: a stochastically rounded DTensor's offset in its whole param (its
-        # seed is salted with it), else 0; kept for buckets with a shard off offset 0 only
-        self.seed_offsets: dict[BucketKey, list[int]] = {}
+        # per bucket tensor, for buckets with stochastically rounded tensors: the salt of its
+        # own rounding seed (_rounding.tensor_salt: its position here, a shard's offset)
+        self.salts: dict[BucketKey, list[int]] = {}
+        positions = getattr(opt, "_rounding_positions", None) or {}
         for i, p, gi, sdt in todo:
             group, h = groups[gi], hypers[gi]
             key = BucketKey(p.device, p.dtype, sdt)
@@ -683,19 +674,31 @@ class _Plan:
             functional.add_to_buckets(self.buckets, *entry)
             self.index.setdefault(key, []).append(i)
             self.group_of.setdefault(key, []).append(gi)
-            offset = _shard_offset(p) if h.stochastic_rounding and _is_dtensor(p) else 0
-            self.seed_offsets.setdefault(key, []).append(offset)
-        self.seed_offsets = {k: o for k, o in self.seed_offsets.items() if any(o)}
-        for key, offsets in self.seed_offsets.items():
-            self.buckets[key].hypers = _shard_hypers(self.buckets[key].hypers, offsets)
+            salt = 0
+            if h.stochastic_rounding:
+                offset = _shard_offset(p) if _is_dtensor(p) else 0
+                salt = tensor_salt(positions.get(id(p), i), offset)
+            self.salts.setdefault(key, []).append(salt)
+        for key in list(self.salts):
+            b = self.buckets[key]
+            if any(h.stochastic_rounding for h in b.hypers):
+                b.hypers = functional.seed_tensors(b.hypers, self.salts[key])
+            else:
+                del self.salts[key]
         self.has_grad = [g is not None for g in grads]
         self.signature = _signature(opt, hypers)
         self.params = params = [p for group in groups for p in group["params"]]
         self.without_grad = [p for p, g in zip(params, grads) if g is None]
         # One bucket on the "cpu" backend (the usual case): kept in C++, whose steps read the
-        # grads themselves (see CompiledBackend.fast_bucket).
+        # grads themselves (see CompiledBackend.fast_bucket); it takes the groups' hypers, so
+        # not with stochastic rounding (each tensor's own seed).
         self.fast = None
-        if len(self.buckets) == 1 and not self.dtensor and not torch.compiler.is_compiling():
+        if (
+            len(self.buckets) == 1
+            and not self.dtensor
+            and not self.salts
+            and not torch.compiler.is_compiling()
+        ):
             key, bucket = next(iter(self.buckets.items()))
             make = getattr(self.backends[key], "fast_bucket", None)
             if make is not None:
@@ -736,5 +739,5 @@ class _Plan:
                 b.hypers = hypers * len(group_of)
             else:
                 b.hypers = [hypers[gi] for gi in group_of]
-            if key in self.seed_offsets:
-                b.hypers = _shard_hypers(b.hypers, self.seed_offsets[key])
+            if key in self.salts:
+                b.hypers = functional.seed_tensors(b.hypers, self.salts[key])

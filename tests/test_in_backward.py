@@ -100,6 +100,27 @@ def test_equals_backward_then_step(backend, bucket):
     assert a.unused.weight not in oa.state and a.frozen.weight not in oa.state
 
 
+def test_stochastic_rounding_equals_backward_then_step(backend):
+    """bf16 params rounded stochastically: the steps in backward draw SMES's noise bit for bit
+    (each param's seed comes from its place in the optimizer; it came from its place in its
+    bucket's worker, which differs, and so did 40% of the elements)."""
+    nets, opts = [], []
+    for in_backward in (True, False):
+        net = Net().bfloat16()
+        groups = depth_param_groups(net, 0.5, -0.08)
+        kw = dict(lr=1e-2, backend=backend, stochastic_rounding=True, rounding_seed=3)
+        opts.append(attach(groups, 700, **kw) if in_backward else SMES(groups, **kw))
+        nets.append(net)
+    for t in range(3):
+        x, y = (z.bfloat16() for z in _batch(t))
+        for net, opt in zip(nets, opts):
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16)), name
+
+
 def test_lr_and_exponent_schedulers_on_the_handle():
     a, oa, b, ob = _pair("cpu", 700)
     sa = [

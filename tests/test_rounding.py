@@ -10,7 +10,7 @@ import torch
 from _backends import require, use_triton_interpreter
 
 from smes_fused import SMES
-from smes_fused._rounding import M32, mix, round_to_bf16, shard_seed, tensor_key
+from smes_fused._rounding import M32, mix, round_to_bf16, tensor_key, tensor_salt
 
 use_triton_interpreter()
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
@@ -23,7 +23,7 @@ def backend(request) -> str:
 
 def test_definition_is_unbiased_and_keeps_specials():
     x = torch.full((400_000,), 1.0 + 2**-10)  # 1/8 of the way from bf16 1.0 to 1.0078125
-    y = round_to_bf16(x, tensor_key(0, 1, 0)).double()
+    y = round_to_bf16(x, tensor_key(0, 1)).double()
     assert set(y.unique().tolist()) == {1.0, 1.0078125}
     sigma = (0.125 * 0.875) ** 0.5 * 2**-7 / len(x) ** 0.5
     assert abs(float(y.mean()) - (1.0 + 2**-10)) < 5 * sigma
@@ -33,13 +33,40 @@ def test_definition_is_unbiased_and_keeps_specials():
     assert out[3] == 0 and out[4] == 0
 
 
-def test_shard_seed():
-    """A shard's seed (tests/test_stacks.py steps sharded params): the group's seed at offset 0,
-    a seed of its own at every other offset, 64-bit offsets included."""
-    assert mix(0) == 0 and shard_seed(5, 0) == 5
-    offsets = [0, 1, 2, 1024, 2**31, 2**32, 2**32 + 1, 3 * 2**40 + 7]
-    seeds = [shard_seed(5, o) for o in offsets]
-    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)
+def test_tensor_salt():
+    """Each tensor's seed is its group's XOR a salt of its position and, for a shard, its offset
+    (tests/test_stacks.py steps sharded params): a salt of its own for every position and offset,
+    64-bit offsets included, none 0 (a tensor never rounds with its group's seed itself)."""
+    cases = [(i, o) for i in (0, 1, 2, 1000) for o in (0, 1, 1024, 2**32, 3 * 2**40 + 7)]
+    salts = [tensor_salt(i, o) for i, o in cases]
+    assert len(set(salts)) == len(salts) and all(0 < s < 2**32 for s in salts)
+
+
+def test_reference_follows_the_definition():
+    """The reference backend's rounding, written out from the definition: each tensor's key
+    from its group's seed XOR its salt and the step; the elements counted in memory order (a
+    channels_last weight: the order of its NHWC memory)."""
+    torch.manual_seed(0)
+    ps = [torch.randn(1000).bfloat16(), torch.randn(8, 3, 5, 5).bfloat16()]
+    ps[1] = ps[1].to(memory_format=torch.channels_last)
+    ps = [p.requires_grad_() for p in ps]
+    olds = [p.detach().float() for p in ps]
+    opt = SMES(ps, lr=1e-2, weight_decay=0.3, stochastic_rounding=True, rounding_seed=9,
+               backend="reference")  # fmt: skip
+    for p in ps:
+        p.grad = torch.zeros_like(p)  # θ ← θ (1 − lr λ) in float32
+    opt.step()
+    decay = torch.tensor(1 - 1e-2 * 0.3, dtype=torch.float32)
+    for i, (p, old) in enumerate(zip(ps, olds)):
+        x = old * decay
+        flat = x.permute(0, 2, 3, 1).reshape(-1) if x.dim() == 4 else x  # memory order
+        idx = torch.arange(flat.numel(), dtype=torch.int64)
+        key = mix((9 ^ mix(mix(mix(i + 1)))) ^ mix(1 * 0x9E3779B9))
+        r = mix(key ^ (idx & M32) ^ mix(idx >> 32)) & 0xFFFF
+        bits = ((flat.view(torch.int32).to(torch.int64) & M32) + r) >> 16
+        want = (bits & 0xFFFF).to(torch.int32).to(torch.int16)
+        got = p.detach().permute(0, 2, 3, 1).reshape(-1) if p.dim() == 4 else p.detach()
+        assert torch.equal(got.view(torch.int16), want), f"tensor {i}"
 
 
 def _decay_step(backend, n=200_000, seed=0, sr=True, dtype=torch.bfloat16):
@@ -72,16 +99,25 @@ def test_reproducible_from_seed_and_step(backend):
 
 
 def test_same_bits_as_the_definition_in_every_backend(backend):
-    """Two steps at p = 0.5 (every backend computes the same float32 θ there): the rounded θ is
-    bit for bit the reference's, which applies smes_fused._rounding directly."""
+    """Two steps at p = 0.5 and p = 0 (every backend computes the same float32 θ there): the
+    rounded θ is bit for bit the reference's, which applies smes_fused._rounding directly. The
+    two groups differ in variant and in state kind (p = 0 keeps no v), which the fused backends
+    launch apart, and two params are not row-major (channels_last, a transposed leaf), which
+    the kernels walk in memory order: once the kernels keyed the noise on a tensor's place in
+    its launch and the reference on its place in the bucket, and the reference counted the
+    elements row-major."""
 
     def run(name):
         torch.manual_seed(0)
         ps = [
-            torch.randn(64, 33).bfloat16().requires_grad_(),
-            torch.randn(1000).bfloat16().requires_grad_(),
+            torch.randn(64, 33).bfloat16(),
+            torch.randn(1000).bfloat16(),
+            torch.randn(8, 3, 5, 5).bfloat16().to(memory_format=torch.channels_last),
+            torch.randn(40, 30).bfloat16().t(),
         ]
-        opt = SMES(ps, lr=1e-2, stochastic_rounding=True, rounding_seed=11, backend=name)
+        ps = [p.detach().requires_grad_() for p in ps]
+        groups = [{"params": ps[:1]}, {"params": ps[1:3], "exponent": 0.0}, {"params": ps[3:]}]
+        opt = SMES(groups, lr=1e-2, stochastic_rounding=True, rounding_seed=11, backend=name)
         g = torch.Generator().manual_seed(1)
         for _ in range(2):
             for p in ps:
@@ -137,7 +173,7 @@ def test_cpu_rounds_its_own_float32_result(monkeypatch, isa, exponent, state_dty
 
     exact = step(torch.float32, torch.float32, False)
     for i, (a, x) in enumerate(zip(step(torch.bfloat16, state_dtype, True), exact)):
-        ref = round_to_bf16(x, tensor_key(5, 1, i))
+        ref = round_to_bf16(x, tensor_key(5 ^ tensor_salt(i), 1))
         torch.testing.assert_close(a, ref, rtol=0, atol=0, equal_nan=True, msg=f"{isa} {i}")
     monkeypatch.delenv("SMES_CPU_ISA")
 
@@ -150,7 +186,7 @@ def test_cpu_noise_of_lanes_past_a_multiple_of_2_32(monkeypatch, isa):
     _cpu_isa(monkeypatch, isa)
     from smes_fused._ops import _C
 
-    key = tensor_key(3, 7, 1)
+    key = tensor_key(3, 7)
     for index in (0, 12345, 2**32 - 1, 2**32 - 5, 2**32 - 9, 2**32 - 31, 2**32, 3 * 2**32 - 2,
                   2**40 + 2**32 - 3):  # fmt: skip
         lanes = _C.sr_noise_lanes(key, index)

@@ -207,7 +207,7 @@ def _smes_scalars_kernel(
     tl.store(out + S_DECAY_PROJ, (1.0 - lr * weight_decay * wd_ratio).to(tl.float32), mask=mask)
     tl.store(out + S_DELTA, delta.to(tl.float32), mask=mask)
     # The stochastic rounding's key of this step (a uint32 in a float32 column, bit for bit).
-    key = _mix(seed ^ _mix((step.to(tl.int64) * 0x9E3779B9 + i.to(tl.int64)) & M32))
+    key = _mix(seed ^ _mix((step.to(tl.int64) * 0x9E3779B9) & M32))
     tl.store(out + S_KEY, key.to(tl.uint32).to(tl.float32, bitcast=True), mask=mask)
     tl.store(out + S_ADAPT, tl.where(adaptive, 1.0, 0.0).to(tl.float32), mask=mask)
     tl.store(out + S_BC2, bc2.to(tl.float32), mask=mask)

@@ -69,10 +69,8 @@ def smes_tensor(
     step: Tensor,
     h: Hyper,
     grad_scale: Tensor | None = None,
-    index: int = 0,
 ) -> None:
-    """One SMES step of one tensor; ``step`` already holds this step's count. ``index``: the
-    tensor's position in its bucket (the stochastic rounding's key)."""
+    """One SMES step of one tensor; ``step`` already holds this step's count."""
     cd = compute_dtype(param.dtype)
     theta = param.to(cd)
     g = grad.to(cd)
@@ -129,7 +127,7 @@ def smes_tensor(
 
     theta = theta * decay - (lr / bc1) * u
     if h.stochastic_rounding and param.dtype == torch.bfloat16:
-        theta = round_to_bf16(theta, tensor_key(h.rounding_seed, t, index))
+        theta = round_to_bf16(theta, tensor_key(h.rounding_seed, t), like=param)
     param.copy_(theta)
 
 
@@ -157,7 +155,6 @@ class ReferenceBackend:
                 bucket.steps[i],
                 bucket.hypers[i],
                 grad_scale,
-                i,
             )
 
 
