@@ -37,15 +37,19 @@ What it cannot do, with the errors it gives:
 - **Gradient accumulation** over micro-batches: a parameter is stepped as soon as one backward
   has finished its gradient, so a second backward before ``step()`` would step it again on a
   partial gradient. ``step()`` marks the end of an iteration; a backward that reaches a
-  parameter already stepped since the last ``step()`` raises a RuntimeError (nothing of that
-  parameter's bucket is changed). Accumulate with plain SMES.
+  parameter already stepped since the last ``step()`` raises a RuntimeError and drops that
+  parameter's new gradient (nothing else of its bucket changes; ``step()`` then ends the
+  iteration). Backwards over disjoint parameters (two losses, each backward once) are fine:
+  each parameter is stepped once. Accumulate with plain SMES.
 - **Global gradient clipping** (``max_grad_norm``): the norm of all gradients is known only
   after the last one, but the first buckets are stepped, and their gradients freed, long before.
-  ``attach(..., max_grad_norm=...)`` raises a ValueError; ``clip_grad_norm_`` after backward
-  would see no gradients.
+  ``attach(..., max_grad_norm=...)`` raises a ValueError, and so do backward and ``step()``
+  when ``max_grad_norm`` is set on the optimizer afterwards (before anything is stepped);
+  ``clip_grad_norm_`` after backward would see no gradients.
 - **Loss scaling** (``torch.amp.GradScaler``): the step happens before the scaler can unscale
-  or check for inf; ``step()`` raises when it is handed ``grad_scale``/``found_inf``. bf16
-  autocast needs no scaler and works.
+  or check for inf, so backward has already stepped the parameters on the scaled gradients
+  when ``step()`` is handed ``grad_scale``/``found_inf``; it raises, saying so, and ends the
+  iteration (the next one runs). bf16 autocast needs no scaler and works.
 - **DDP / FSDP**: their gradient reduction runs after the hook would step. Single process only.
 - ``add_param_group`` after :func:`attach`, pickling and ``copy.deepcopy`` (the hooks cannot be
   copied): save ``state_dict()`` instead.
@@ -72,7 +76,10 @@ DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
 
 class _Bucket:
-    """Parameters stepped together; ``ready[i]``: params[i]'s gradient is final."""
+    """Parameters stepped together; ``ready[i]``: params[i]'s gradient is final;
+    ``stepped[i]``: the iteration params[i] was last stepped in (a param the bucket's step
+    found without a gradient was not stepped: another backward of the iteration may still
+    reach it)."""
 
     __slots__ = ("params", "worker", "group_index", "ready", "count", "stepped")
 
@@ -82,7 +89,17 @@ class _Bucket:
         self.group_index = group_index  # the owner's group index of each worker group
         self.ready = [False] * len(params)
         self.count = 0
-        self.stepped = -1  # the iteration it was last stepped in
+        self.stepped = [-1] * len(params)
+
+
+def _no_clipping(max_grad_norm) -> str:
+    return (
+        f"max_grad_norm={max_grad_norm!r}: SMES in backward cannot clip by the global "
+        "gradient norm. That norm needs every gradient of the step, but each bucket of "
+        "parameters is stepped, and its gradients freed, as soon as backward finishes "
+        "them, long before the last gradient exists. Clip per parameter in a hook of "
+        "your own, or use smes_fused.SMES with torch.nn.utils.clip_grad_norm_"
+    )
 
 
 def _hook(owner_ref, bucket: int, slot: int, param: Tensor) -> None:
@@ -112,13 +129,7 @@ class InBackwardSMES(SMES):
         **smes_kwargs,
     ) -> None:
         if max_grad_norm is not None:
-            raise ValueError(
-                f"max_grad_norm={max_grad_norm!r}: SMES in backward cannot clip by the global "
-                "gradient norm. That norm needs every gradient of the step, but each bucket of "
-                "parameters is stepped, and its gradients freed, as soon as backward finishes "
-                "them, long before the last gradient exists. Clip per parameter in a hook of "
-                "your own, or use smes_fused.SMES with torch.nn.utils.clip_grad_norm_"
-            )
+            raise ValueError(_no_clipping(max_grad_norm))
         if (
             isinstance(bucket_size_bytes, bool)
             or not isinstance(bucket_size_bytes, numbers.Integral)
@@ -210,7 +221,10 @@ class InBackwardSMES(SMES):
     def _on_grad(self, bi: int, slot: int, param: Tensor) -> None:
         with self._lock:
             b = self._buckets[bi]
-            if b.stepped == self._iteration or b.ready[slot]:
+            if b.stepped[slot] == self._iteration or b.ready[slot]:
+                # The refused backward's gradient is dropped (autograd has accumulated it), so
+                # that step() can end the iteration.
+                param.grad = None
                 raise RuntimeError(
                     f"SMES in backward: a backward reached a parameter (shape "
                     f"{tuple(param.shape)}) that was already stepped since the last "
@@ -224,6 +238,8 @@ class InBackwardSMES(SMES):
                 # First hook of this backward: check every group before any bucket is stepped
                 # (an lr a scheduler made invalid fails here, with nothing changed), and step
                 # the buckets left incomplete when this backward ends.
+                if self.max_grad_norm is not None:  # set after attach()
+                    raise ValueError(_no_clipping(self.max_grad_norm))
                 for group in self.param_groups:
                     _group_hyper(group)
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
@@ -249,12 +265,14 @@ class InBackwardSMES(SMES):
             for k, v in groups[gi].items():
                 if k != "params":
                     wg[k] = v
+        had_grad = [p.grad is not None for p in b.params]
         b.worker.step()
-        for p in b.params:
+        for i, p in enumerate(b.params):
             p.grad = None
+            if had_grad[i]:
+                b.stepped[i] = self._iteration
         b.ready = [False] * len(b.params)
         b.count = 0
-        b.stepped = self._iteration
 
     # ---------------------------------------------------------------- the optimizer API
 
@@ -267,12 +285,29 @@ class InBackwardSMES(SMES):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
         if grad_scale is not None or found_inf is not None:
+            # GradScaler.step set these on the optimizer and deletes them only when step()
+            # returns; the iteration ends here (its gradients dropped), so that the next one
+            # is not refused as a second backward.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            with self._lock:
+                self._queued = False
+                for b in self._buckets:
+                    b.ready = [False] * len(b.params)
+                    b.count = 0
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        p.grad = None
+                self._iteration += 1
             raise RuntimeError(
                 "SMES in backward cannot take grad_scale/found_inf (torch.amp.GradScaler): the "
                 "parameters were stepped during backward, before the scaler could unscale the "
-                "gradients or check them for inf. Use bf16 autocast (no loss scaling), or "
-                "smes_fused.SMES"
+                "gradients or check them for inf, so this iteration's steps used the scaled "
+                "gradients: restore the parameters and optimizer state from a checkpoint. Use "
+                "bf16 autocast (no loss scaling), or smes_fused.SMES"
             )
+        if self.max_grad_norm is not None:
+            raise ValueError(_no_clipping(self.max_grad_norm))
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -288,10 +323,14 @@ class InBackwardSMES(SMES):
         stray = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not stray:
             return
-        hooked = {id(p): b for b in self._buckets for p in b.params} if self._hooks else {}
+        hooked = (
+            {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.params)}
+            if self._hooks
+            else {}
+        )
         for p in stray:
-            b = hooked.get(id(p))
-            if b is not None and b.stepped == self._iteration:
+            b, slot = hooked.get(id(p), (None, 0))
+            if b is not None and b.stepped[slot] == self._iteration:
                 raise RuntimeError(
                     f"SMES in backward: a parameter (shape {tuple(p.shape)}) has a gradient "
                     "again after its step in this iteration (set by hand after backward?); "
@@ -312,7 +351,10 @@ class InBackwardSMES(SMES):
             p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """A no-op: every gradient was freed by its step (kept so training loops run as is)."""
+        """Every gradient was freed by its step, so usually there is nothing to clear; a
+        gradient left (set by hand, or by a backward that was refused) is cleared as SMES
+        would."""
+        super().zero_grad(set_to_none)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -184,6 +184,51 @@ def test_gradient_accumulation_is_refused():
     assert float(opt.state[model.out.weight]["step"]) == 1
 
 
+def test_a_refused_backward_leaves_the_optimizer_usable():
+    """The refused micro-batch's gradient is dropped, so step() ends the iteration and the next
+    one trains as usual (the gradient stayed in .grad, step() then raised forever, and every
+    later backward was refused too)."""
+    a, oa, b, ob = _pair("cpu", 700)
+    _loss(a, 0).backward()
+    with pytest.raises(RuntimeError, match="accumulation over micro-batches"):
+        _loss(a, 1).backward()
+    oa.step()
+    oa.zero_grad()
+    assert all(p.grad is None for p in a.parameters())
+    _loss(b, 0).backward()
+    ob.step()
+    ob.zero_grad()
+    for t in (2, 3):
+        for net, opt in ((a, oa), (b, ob)):
+            _loss(net, t).backward()
+            opt.step()
+            opt.zero_grad()
+    _check_same(a, oa, b, ob)
+
+
+def test_backwards_over_disjoint_params_of_one_bucket():
+    """Two losses over disjoint parameters, each backward once, then step(): one SMES step of
+    every parameter, whatever the bucket size (with both in one bucket, the first backward's
+    end stepped the bucket and the second was refused as a second micro-batch)."""
+    results = []
+    for bucket in (None, 0, 1 << 20):
+        torch.manual_seed(0)
+        first, second = nn.Linear(4, 3), nn.Linear(4, 2)
+        params = [*first.parameters(), *second.parameters()]
+        kw = dict(lr=1e-2, exponent=-0.08, backend="cpu")
+        opt = SMES(params, **kw) if bucket is None else attach(params, bucket, **kw)
+        for t in range(2):
+            x = torch.randn(5, 4, generator=torch.Generator().manual_seed(t))
+            first(x).square().sum().backward()
+            second(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in params])
+    for other in results[1:]:
+        for p, q in zip(results[0], other):
+            assert torch.equal(p, q)
+
+
 def test_one_backward_per_step_works_again_after_step():
     model = Net()
     opt = attach(model, 700, lr=1e-2, backend="cpu")
@@ -201,10 +246,38 @@ def test_what_it_cannot_do_raises_with_the_reason():
     opt = attach(Net(), backend="cpu")
     with pytest.raises(RuntimeError, match="GradScaler"):
         opt.step(grad_scale=torch.ones(()), found_inf=torch.zeros(()))
+    model = Net()
+    opt = attach(model, backend="cpu")
+    opt.max_grad_norm = 1.0  # set after attach: refused before anything is stepped
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="global gradient norm"):
+        _loss(model, 0).backward()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="global gradient norm"):
+        opt.step()
     with pytest.raises(RuntimeError, match="after attach"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
     with pytest.raises(TypeError, match="state_dict"):
         copy.deepcopy(opt)
+
+
+def test_grad_scaler_is_refused_and_the_next_iteration_runs():
+    """torch.amp.GradScaler: step() refuses (the parameters were stepped in backward, on the
+    scaled gradients), and then leaves neither the scaler's grad_scale/found_inf on the
+    optimizer nor an unfinished iteration: the next one trains without the scaler (before, both
+    its backward and its step raised)."""
+    model = Net()
+    opt = attach(model, 700, lr=1e-2, backend="cpu")
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(_loss(model, 0)).backward()
+    with pytest.raises(RuntimeError, match="scaled gradients"):
+        scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert all(p.grad is None for p in model.parameters())
+    steps = float(opt.state[model.out.weight]["step"])
+    _loss(model, 1).backward()
+    opt.step()
+    assert float(opt.state[model.out.weight]["step"]) == steps + 1
 
 
 def test_grads_set_by_hand_and_detach_step_as_smes():
