@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -124,7 +125,7 @@ def check_hyper(
         raise ValueError(f"Invalid projection_wd_ratio: {ratio}; expected projection_wd_ratio >= 0")
     if (
         isinstance(rounding_seed, bool)
-        or not isinstance(rounding_seed, int)
+        or not isinstance(rounding_seed, numbers.Integral)
         or not 0 <= rounding_seed < 2**32
     ):
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 from collections import OrderedDict
@@ -112,6 +113,10 @@ class SMES(Optimizer):
             (default: the step takes ``grad_scale``/``found_inf`` and unscales in the kernel, as
             torch's fused optimizers do) or ``"scaler"`` (the scaler unscales first, as for
             foreach AdamW: what Lightning needs to clip gradients under mixed precision).
+        max_grad_norm: clip the gradients by their global L2 norm inside the step, as
+            ``clip_grad_norm_`` before it would (README, fused clipping); also an attribute,
+            read at every step. ``opt.grad_norm`` is then the norm of the step's gradients (a
+            0-d tensor; 0 without gradients), and None after a step without clipping.
 
     ``step(closure=None, *, grad_scale=None, found_inf=None)`` accepts the unscale factor and
     inf flag of :class:`torch.amp.GradScaler`, which passes them automatically.
@@ -276,6 +281,8 @@ class SMES(Optimizer):
         found_inf = functional.scalar_tensor("found_inf", found_inf)
         clip = self.max_grad_norm
         _check_max_grad_norm(clip)
+        if clip is None:
+            self.grad_norm = None  # not the norm of an earlier, clipped step
 
         # Nothing is mutated until everything is validated and every bucket has a backend.
         hypers = [_group_hyper(group) for group in self.param_groups]
@@ -475,7 +482,7 @@ class SMES(Optimizer):
 def _check_max_grad_norm(x) -> None:
     if x is None:
         return
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0:
         raise ValueError(
             f"Invalid max_grad_norm: {x!r}; expected None or a number > 0 (inf: compute the "
             "norm without clipping)"
@@ -490,8 +497,9 @@ def _clip_scale(grads: list, max_norm: float, grad_scale: Tensor | None):
     ``min(1, max_norm / (norm + 1e-6))`` with the unscaling, in the same read of g: no extra
     pass over the gradients, no host sync. Returns (norm, grad_scale)."""
     present = [g for g in grads if g is not None]
-    if not present:
-        return None, grad_scale
+    if not present:  # as clip_grad_norm_ of no gradients
+        return torch.zeros(()), grad_scale
+    max_norm = float(max_norm)  # a numpy scalar too
     norm = _total_norm(present)
     if _is_dtensor(norm):
         norm = norm.full_tensor()

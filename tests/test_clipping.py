@@ -143,6 +143,29 @@ def test_infinite_max_norm_reports_the_norm_without_clipping():
         assert torch.equal(a, b)
 
 
+def test_grad_norm_follows_the_steps():
+    """``grad_norm``: the norm of each clipped step's gradients, 0 (as clip_grad_norm_) when no
+    param has one, and None after a step without clipping (it kept an earlier step's norm);
+    a numpy max_grad_norm works like a float (it was refused as not a number)."""
+    import numpy as np
+
+    ps = _params()
+    opt = SMES(ps, max_grad_norm=np.float32(1.0))
+    for p, g in zip(ps, _grads(0, 3.0)):
+        p.grad = g
+    opt.step()
+    assert_close(
+        opt.grad_norm, torch.linalg.vector_norm(torch.cat([g.flatten() for g in _grads(0, 3.0)]))
+    )
+    opt.max_grad_norm = None
+    opt.step()
+    assert opt.grad_norm is None
+    opt.max_grad_norm = 2.0
+    opt.zero_grad()
+    opt.step()
+    assert torch.equal(opt.grad_norm, torch.zeros(()))
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", True])
 def test_bad_max_grad_norm(bad):
     with pytest.raises(ValueError, match="max_grad_norm"):

@@ -205,6 +205,13 @@ def test_other_dtypes_are_rounded_as_before(backend):
         )
 
 
+def test_numpy_rounding_seed_is_an_integer():
+    import numpy as np
+
+    a = _decay_step("reference", n=1000, seed=np.int64(5))
+    assert torch.equal(a, _decay_step("reference", n=1000, seed=5))
+
+
 @pytest.mark.parametrize("bad", [-1, 2**32, 1.5, True])
 def test_bad_rounding_seed(bad):
     with pytest.raises(ValueError, match="rounding_seed"):
