@@ -30,7 +30,8 @@ struct TensorArgs {
   // 0 for a tensor never projected), the first row and the tensor's slot in the row buffers.
   float proj_delta, proj_wd_ratio;
   int64_t rows, row0, slot;
-  // Stochastic rounding (kFlagSR in flags, bf16 params): the tensor's seed (_rounding.tensor_seed).
+  // Stochastic rounding (kFlagSR in flags, bf16 params): the tensor's own seed (its group's XOR
+  // its salt, smes_fused/_rounding.py).
   uint32_t rounding_seed;
 };
 

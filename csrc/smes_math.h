@@ -62,7 +62,7 @@ SMES_HD U mix32(U x) {
   x *= 0xC2B2AE35u;
   return x ^ (x >> 16);
 }
-// the key of a step: seed is the tensor's own (smes_fused/_rounding.py, tensor_seed)
+// the key of a step: seed is the tensor's own (smes_fused/_rounding.py: its group's XOR its salt)
 SMES_HD uint32_t sr_key(uint32_t seed, uint32_t step) {
   return mix32(seed ^ mix32(step * 0x9E3779B9u));
 }

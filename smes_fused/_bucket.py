@@ -67,15 +67,6 @@ class Hyper:
     stochastic_rounding: bool = False  # bf16 params: unbiased rounding of the new θ
     rounding_seed: int = 0
 
-    def with_seed(self, seed: int) -> Hyper:
-        """This hyper with a tensor's own rounding seed (``_rounding.tensor_salt``): a copy of
-        the fields (``dataclasses.replace`` runs ``__init__``: 10 times slower, per tensor and
-        step)."""
-        h = object.__new__(Hyper)
-        h.__dict__.update(self.__dict__)
-        h.__dict__["rounding_seed"] = seed
-        return h
-
     @property
     def variant(self) -> Variant:
         return Variant(
@@ -117,13 +108,16 @@ class Bucket:
     max_exp_avg_sqs: list[Tensor | None] = dataclasses.field(default_factory=list)
     steps: list[Tensor] = dataclasses.field(default_factory=list)
     hypers: list[Hyper] = dataclasses.field(default_factory=list)
+    # each tensor's rounding seed is its hyper's XOR its salt (_rounding.tensor_salt; 0 where it
+    # is not rounded stochastically); fixed while the bucket lives
+    salts: list[int] = dataclasses.field(default_factory=list)
     _by_variant: dict | None = dataclasses.field(default=None, repr=False, compare=False)
     _by_state_kind: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.params)
 
-    def append(self, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hyper) -> None:
+    def append(self, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hyper, salt=0):
         self.params.append(param)
         self.grads.append(grad)
         self.exp_avgs.append(exp_avg)
@@ -131,6 +125,7 @@ class Bucket:
         self.max_exp_avg_sqs.append(max_exp_avg_sq)
         self.steps.append(step)
         self.hypers.append(hyper)
+        self.salts.append(salt)
         self._by_variant = self._by_state_kind = None
 
     def subset(self, index: list[int]) -> Bucket:
@@ -144,8 +139,13 @@ class Bucket:
                 self.max_exp_avg_sqs[i],
                 self.steps[i],
                 self.hypers[i],
+                self.salts[i],
             )
         return b
+
+    def seeds(self) -> list[int]:
+        """Each tensor's rounding seed."""
+        return [h.rounding_seed ^ s for h, s in zip(self.hypers, self.salts)]
 
     def by_variant(self) -> dict[Variant, list[int]]:
         """Tensor indices per compile-time variant, in bucket order."""

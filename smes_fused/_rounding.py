@@ -16,15 +16,17 @@ param (0 unless the param is a DTensor: shards draw their own noise, replicas of
 same), ``step`` the step count of this step (1 on the first) and ``index`` the element's place
 in memory from the param's first element (row-major for a contiguous param, memory order for a
 dense one such as channels_last: the order the kernels walk). Non-finite values round to nearest
-(NaN stays NaN, ±inf stays ±inf). The backends get ``seed'`` per tensor (:func:`tensor_seed`,
-through each tensor's ``Hyper``), so a kernel's key does not depend on how a bucket is split
-into launches.
+(NaN stays NaN, ±inf stays ±inf). A bucket carries each tensor's salt (:func:`tensor_salt`,
+``Bucket.salts``, fixed when it is built) and the backends read ``seed'`` per tensor, so a
+kernel's key does not depend on how a bucket is split into launches.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .triton_kernels.smes_checks import dense  # (torch only: no triton import)
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -61,21 +63,9 @@ def element_index(p: Tensor) -> Tensor:
     A dense param is walked in memory order by the kernels (channels_last, a transposed leaf);
     one that is not dense (no kernel walks it) counts row-major."""
     idx = torch.arange(p.numel(), dtype=torch.int64, device=p.device)
-    if p.is_contiguous() or not _dense(p):
+    if p.is_contiguous() or not dense(p):
         return idx.view(p.shape)
     return idx.as_strided(p.shape, p.stride())
-
-
-def _dense(p: Tensor) -> bool:
-    """Non-overlapping and gap-free, in any dim order."""
-    expected = 1
-    for size, stride in sorted(zip(p.shape, p.stride()), key=lambda t: t[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def round_to_bf16(x: Tensor, key, like: Tensor | None = None) -> Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -125,11 +124,13 @@ def check_hyper(
         raise ValueError(f"Invalid projection_wd_ratio: {ratio}; expected projection_wd_ratio >= 0")
     if (
         isinstance(rounding_seed, bool)
-        or not isinstance(rounding_seed, numbers.Integral)
+        or not isinstance(rounding_seed, int)
         or not 0 <= rounding_seed < 2**32
     ):
         raise ValueError(
-            f"Invalid rounding_seed: {rounding_seed!r}; expected an integer in [0, 2**32)"
+            f"Invalid rounding_seed: {rounding_seed!r} ({type(rounding_seed).__name__}); "
+            "expected a Python int in [0, 2**32) (for a numpy integer, int(x): a checkpoint "
+            "stores the group's value, and torch.load(weights_only=True) refuses numpy types)"
         )
     if second_moment not in ("ema", "sum"):
         raise ValueError(
@@ -244,21 +245,23 @@ def make_hyper(*, decoupled_weight_decay, amsgrad, maximize, bias_correction, **
     )
 
 
-def seed_tensors(hypers: Sequence[Hyper], salts: Sequence[int]) -> list[Hyper]:
-    """The hypers of a bucket's tensors, each stochastically rounding one with its own seed (its
-    group's ``rounding_seed`` XOR its salt, ``_rounding.tensor_salt``), the others as they are."""
-    return [
-        h.with_seed(h.rounding_seed ^ s) if h.stochastic_rounding else h
-        for h, s in zip(hypers, salts)
-    ]
+def rounding_salt(h: Hyper, param: Tensor, position: int, offset: int = 0) -> int:
+    """The salt of a param's rounding seed (``_rounding.tensor_salt``): 0 unless it is
+    rounded stochastically (a bf16 param in a group with ``stochastic_rounding``)."""
+    if not (h.stochastic_rounding and param.dtype == torch.bfloat16):
+        return 0
+    return tensor_salt(position, offset)
 
 
-def add_to_buckets(buckets: dict[BucketKey, Bucket], param, grad, m, v, vmax, step, h) -> None:
+def add_to_buckets(
+    buckets: dict[BucketKey, Bucket], param, grad, m, v, vmax, step, h, salt: int = 0
+) -> None:
     key = BucketKey(param.device, param.dtype, m.dtype)
     b = buckets.get(key)
     if b is None:
         b = buckets[key] = Bucket(key)
-    b.append(param, grad, m, v if h.track_v else None, vmax if h.variant.amsgrad else None, step, h)
+    vmax = vmax if h.variant.amsgrad else None
+    b.append(param, grad, m, v if h.track_v else None, vmax, step, h, salt)
 
 
 def resolve(keys, backend: str) -> dict[BucketKey, object]:
@@ -358,9 +361,6 @@ def smes(
         check_param(params[i])
     check_grads(params, grads)
     buckets: dict[BucketKey, Bucket] = {}
-    hypers = [h] * n
-    if h.stochastic_rounding:  # each tensor's own seed
-        hypers = seed_tensors(hypers, [tensor_salt(i) for i in range(n)])
     for i in range(n):
         if h.variant.amsgrad and max_exp_avg_sqs[i] is None:
             raise ValueError("amsgrad=True needs max_exp_avg_sqs tensors")
@@ -372,6 +372,7 @@ def smes(
             exp_avg_sqs[i],
             max_exp_avg_sqs[i],
             state_steps[i],
-            hypers[i],
+            h,
+            rounding_salt(h, params[i], i),
         )
     apply(buckets, resolve(buckets, backend), grad_scale=grad_scale, found_inf=found_inf)

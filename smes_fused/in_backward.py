@@ -12,7 +12,7 @@ to None. So only about one bucket of gradients lives at a time, and the step ove
     for x, y in data:
         loss_fn(model(x), y).backward()   # the parameters are stepped in here
         opt.step()                        # ends the iteration (steps nothing left to step)
-        opt.zero_grad()                   # no-op: every gradient was freed by its step
+        opt.zero_grad()                   # nothing to clear: every gradient was freed by its step
         sched.step()
 
 Design. :func:`attach` returns an :class:`InBackwardSMES`, an :class:`~smes_fused.SMES` that owns
@@ -110,6 +110,7 @@ def _hook(owner_ref, bucket: int, slot: int, param: Tensor) -> None:
 
 class InBackwardSMES(SMES):
     """SMES stepped from backward, one bucket at a time; see the module docstring.
+    ``zero_grad()`` is SMES's: after ``step()`` there is nothing left to clear.
 
     Args:
         params: parameters or param groups, as for :class:`~smes_fused.SMES`.
@@ -206,9 +207,7 @@ class InBackwardSMES(SMES):
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
-            for b in self._buckets:  # gradients already final stay for step()
-                b.ready = [False] * len(b.params)
-                b.count = 0
+            self._unready()  # gradients already final stay for step()
 
     def __getstate__(self):
         raise TypeError(
@@ -239,6 +238,7 @@ class InBackwardSMES(SMES):
                 # (an lr a scheduler made invalid fails here, with nothing changed), and step
                 # the buckets left incomplete when this backward ends.
                 if self.max_grad_norm is not None:  # set after attach()
+                    param.grad = None  # (this backward's: nothing is stepped on it)
                     raise ValueError(_no_clipping(self.max_grad_norm))
                 for group in self.param_groups:
                     _group_hyper(group)
@@ -292,9 +292,7 @@ class InBackwardSMES(SMES):
             self.__dict__.pop("found_inf", None)
             with self._lock:
                 self._queued = False
-                for b in self._buckets:
-                    b.ready = [False] * len(b.params)
-                    b.count = 0
+                self._unready()
                 for g in self.param_groups:
                     for p in g["params"]:
                         p.grad = None
@@ -318,6 +316,12 @@ class InBackwardSMES(SMES):
             self._step_rest()
             self._iteration += 1
         return loss
+
+    def _unready(self) -> None:
+        """Forget which gradients are final (they stay where they are)."""
+        for b in self._buckets:
+            b.ready = [False] * len(b.params)
+            b.count = 0
 
     def _step_rest(self) -> None:
         stray = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -349,12 +353,6 @@ class InBackwardSMES(SMES):
         rest.step()
         for p in stray:
             p.grad = None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Every gradient was freed by its step, so usually there is nothing to clear; a
-        gradient left (set by hand, or by a backward that was refused) is cleared as SMES
-        would."""
-        super().zero_grad(set_to_none)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 import warnings
 from collections import OrderedDict
@@ -15,7 +14,6 @@ from torch.optim import Optimizer
 
 from . import _ops, functional
 from ._bucket import Bucket, BucketKey
-from ._rounding import tensor_salt
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -281,8 +279,6 @@ class SMES(Optimizer):
         found_inf = functional.scalar_tensor("found_inf", found_inf)
         clip = self.max_grad_norm
         _check_max_grad_norm(clip)
-        if clip is None:
-            self.grad_norm = None  # not the norm of an earlier, clipped step
 
         # Nothing is mutated until everything is validated and every bucket has a backend.
         hypers = [_group_hyper(group) for group in self.param_groups]
@@ -297,12 +293,14 @@ class SMES(Optimizer):
             and plan.fits_same_grads(self, hypers)
             and plan.fast(hypers, grad_scale=grad_scale, found_inf=found_inf)
         ):
+            self.grad_norm = None  # not the norm of an earlier, clipped step
             return loss
         grads = [p.grad for group in self.param_groups for p in group["params"]]
         if plan is None or not plan.fits(self, hypers, grads):
             plan = self._plan = _Plan(self, hypers, grads)
         else:
             plan.refresh(hypers, grads)
+        self.grad_norm = None
         if clip is not None:
             self.grad_norm, grad_scale = _clip_scale(grads, clip, grad_scale)
         functional.apply(plan.buckets, plan.backends, grad_scale=grad_scale, found_inf=found_inf)
@@ -482,10 +480,12 @@ class SMES(Optimizer):
 def _check_max_grad_norm(x) -> None:
     if x is None:
         return
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
         raise ValueError(
-            f"Invalid max_grad_norm: {x!r}; expected None or a number > 0 (inf: compute the "
-            "norm without clipping)"
+            f"Invalid max_grad_norm: {x!r} ({type(x).__name__}); expected None or a Python "
+            "int or float > 0 (inf: compute the norm without clipping; for a numpy number, "
+            "float(x): state_dict() stores it, and torch.load(weights_only=True) refuses numpy "
+            "types)"
         )
 
 
@@ -499,7 +499,6 @@ def _clip_scale(grads: list, max_norm: float, grad_scale: Tensor | None):
     present = [g for g in grads if g is not None]
     if not present:  # as clip_grad_norm_ of no gradients
         return torch.zeros(()), grad_scale
-    max_norm = float(max_norm)  # a numpy scalar too
     norm = _total_norm(present)
     if _is_dtensor(norm):
         norm = norm.full_tensor()
@@ -657,9 +656,8 @@ class _Plan:
         self.refs: dict[BucketKey, Bucket] = {}
         self.index: dict[BucketKey, list[int]] = {}  # flat param index per bucket tensor
         self.group_of: dict[BucketKey, list[int]] = {}  # group index per bucket tensor
-        # per bucket tensor, for buckets with stochastically rounded tensors: the salt of its
-        # own rounding seed (_rounding.tensor_salt: its position here, a shard's offset)
-        self.salts: dict[BucketKey, list[int]] = {}
+        # stochastic rounding: each param's seed from its position (the in-backward helper's
+        # workers give their owner's) and a shard's offset (Bucket.salts)
         positions = getattr(opt, "_rounding_positions", None) or {}
         for i, p, gi, sdt in todo:
             group, h = groups[gi], hypers[gi]
@@ -679,34 +677,19 @@ class _Plan:
             functional.add_to_buckets(self.refs, *entry)
             if self.dtensor:
                 entry = (_local(p), _local_grad(p, grads[i]), *map(_local, entry[2:6]), h)
-            functional.add_to_buckets(self.buckets, *entry)
+            offset = _shard_offset(p) if h.stochastic_rounding and _is_dtensor(p) else 0
+            salt = functional.rounding_salt(h, p, positions.get(id(p), i), offset)
+            functional.add_to_buckets(self.buckets, *entry, salt)
             self.index.setdefault(key, []).append(i)
             self.group_of.setdefault(key, []).append(gi)
-            salt = 0
-            if h.stochastic_rounding:
-                offset = _shard_offset(p) if _is_dtensor(p) else 0
-                salt = tensor_salt(positions.get(id(p), i), offset)
-            self.salts.setdefault(key, []).append(salt)
-        for key in list(self.salts):
-            b = self.buckets[key]
-            if any(h.stochastic_rounding for h in b.hypers):
-                b.hypers = functional.seed_tensors(b.hypers, self.salts[key])
-            else:
-                del self.salts[key]
         self.has_grad = [g is not None for g in grads]
         self.signature = _signature(opt, hypers)
         self.params = params = [p for group in groups for p in group["params"]]
         self.without_grad = [p for p, g in zip(params, grads) if g is None]
         # One bucket on the "cpu" backend (the usual case): kept in C++, whose steps read the
-        # grads themselves (see CompiledBackend.fast_bucket); it takes the groups' hypers, so
-        # not with stochastic rounding (each tensor's own seed).
+        # grads themselves (see CompiledBackend.fast_bucket).
         self.fast = None
-        if (
-            len(self.buckets) == 1
-            and not self.dtensor
-            and not self.salts
-            and not torch.compiler.is_compiling()
-        ):
+        if len(self.buckets) == 1 and not self.dtensor and not torch.compiler.is_compiling():
             key, bucket = next(iter(self.buckets.items()))
             make = getattr(self.backends[key], "fast_bucket", None)
             if make is not None:
@@ -747,5 +730,3 @@ class _Plan:
                 b.hypers = hypers * len(group_of)
             else:
                 b.hypers = [hypers[gi] for gi in group_of]
-            if key in self.salts:
-                b.hypers = functional.seed_tensors(b.hypers, self.salts[key])

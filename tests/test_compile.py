@@ -61,11 +61,15 @@ for name in sys.argv[1:]:
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    ps = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    backend, _, sr = name.partition("-")  # "-sr": bf16 params, stochastic rounding
+    dtype = torch.bfloat16 if sr else torch.float32
+    ps = [torch.randn(4, 3, dtype=dtype), torch.randn(3, dtype=dtype)]
+    ps = [p.requires_grad_() for p in ps]
     if name == "adamw":
         opt = torch.optim.AdamW(ps, lr=0.1)
     else:
-        opt = smes_fused.SMES(ps, lr=0.1, exponent=-0.08, backend=name)
+        opt = smes_fused.SMES(ps, lr=0.1, exponent=-0.08, backend=backend,
+                              stochastic_rounding=bool(sr))  # fmt: skip
     # fullgraph: any graph break (an import, a .item(), an unknown C call) is an error
     step = torch.compile(opt.step, fullgraph=name != "adamw")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
@@ -82,12 +86,14 @@ print("RESULT", json.dumps(out))
 def test_float_lr_schedule_costs_no_more_recompiles_than_adamw(tmp_path):
     """Issue 13: a float lr changed every step by a scheduler recompiled SMES's step on every
     step (a guard on the value written into the hyperparameter table); and the first compiled
-    step of a fresh process broke the graph at the backend registry's import."""
+    step of a fresh process broke the graph at the backend registry's import. With stochastic
+    rounding too (per-tensor seeds once made foreach guard on the lr)."""
     import json
     import subprocess
     import sys
 
-    names = ["adamw", "foreach"] + (["cpu"] if "cpu" in host_backends() else [])
+    names = ["adamw", "foreach", "foreach-sr"]
+    names += ["cpu", "cpu-sr"] if "cpu" in host_backends() else []
     import os
 
     # A cold compile cache and no profile from earlier runs, as on a fresh machine (a warm cache

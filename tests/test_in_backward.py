@@ -253,6 +253,7 @@ def test_what_it_cannot_do_raises_with_the_reason():
     with pytest.raises(ValueError, match="global gradient norm"):
         _loss(model, 0).backward()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())  # none left for a later step
     with pytest.raises(ValueError, match="global gradient norm"):
         opt.step()
     with pytest.raises(RuntimeError, match="after attach"):

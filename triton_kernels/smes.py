@@ -15,6 +15,7 @@ where it lives, and unchanged tables are not copied.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import NamedTuple
 
@@ -87,8 +88,12 @@ def launch_config(device: torch.device) -> tuple[int, int, int]:
     return 1024, 8, 256
 
 
-def group_of(hypers) -> tuple[list, list[int]]:
-    """The distinct hyperparameter objects (one per param group) and each tensor's index."""
+def group_of(hypers, salts=()) -> tuple[list, list[int]]:
+    """The distinct hyperparameter objects (one per param group) and each tensor's index. A
+    tensor with a rounding salt (``smes_fused``'s ``Bucket.salts``: its seed is its group's XOR
+    the salt) gets a group of its own, with that seed."""
+    if any(salts):
+        return _group_of_salted(hypers, salts)
     groups: list = []
     index: list[int] = []
     seen: dict = {}
@@ -104,6 +109,19 @@ def group_of(hypers) -> tuple[list, list[int]]:
     return groups, index
 
 
+def _group_of_salted(hypers, salts) -> tuple[list, list[int]]:
+    groups: list = []
+    index: list[int] = []
+    seen: dict = {}
+    for h, s in zip(hypers, salts):
+        g = seen.get((id(h), s))
+        if g is None:
+            g = seen[id(h), s] = len(groups)
+            groups.append(dataclasses.replace(h, rounding_seed=h.rounding_seed ^ s) if s else h)
+        index.append(g)
+    return groups, index
+
+
 def smes_step(
     params,
     grads,
@@ -114,6 +132,7 @@ def smes_step(
     hypers,
     variant,
     *,
+    salts=(),
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
@@ -124,9 +143,10 @@ def smes_step(
     ``variant`` has ``p_class``, ``track_v``, ``decoupled``, ``amsgrad`` and ``maximize``.
     ``steps`` are float32 scalars on the params' device holding the steps taken so far: the
     prologue advances them (not when ``found_inf`` is non-zero). ``grad_scale`` / ``found_inf``:
-    float32 scalars on the device, or None.
+    float32 scalars on the device, or None. ``salts``: per tensor, of its rounding seed (see
+    :func:`group_of`), or empty.
     """
-    groups, index = group_of(hypers)
+    groups, index = group_of(hypers, salts)
     step_groups(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, index,
                 variant, grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
 

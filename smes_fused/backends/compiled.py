@@ -17,6 +17,7 @@ from .._bucket import Bucket, BucketKey, Hyper
 from . import get, register
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SEED = _ops.HYPER_COLUMNS.index("rounding_seed")
 
 
 def _device_lr(h: Hyper, device_type: str) -> bool:
@@ -54,8 +55,9 @@ class HyperTable:
     """The per-tensor hyperparameter table, kept between steps.
 
     Consecutive tensors usually share one Hyper object (one per param group), so the table is
-    described by runs of (count, row); it is refilled in place only when that description changes
-    (an lr schedule), and reallocated only when the number of tensors changes.
+    described by runs of (count, row); it is refilled in place only when that description or the
+    tensors' rounding salts (``Bucket.salts``: the seed column is each tensor's own) change (an
+    lr schedule), and reallocated only when the number of tensors changes.
     """
 
     def __init__(self, device_type: str = "cpu") -> None:
@@ -64,7 +66,9 @@ class HyperTable:
         self.table: Tensor | None = None
         self.lrs: list = []
 
-    def update(self, hypers: list[Hyper], device: torch.device | None = None) -> Tensor:
+    def update(
+        self, hypers: list[Hyper], device: torch.device | None = None, salts: list[int] = ()
+    ) -> Tensor:
         runs: list = []
         prev = None
         count = 0
@@ -79,22 +83,29 @@ class HyperTable:
             tensor_lr = tensor_lr or _device_lr(h, self.device_type)
         if prev is not None:
             runs.append((count, prev))
-        self.update_runs(runs)
+        self.update_runs(runs, salts)
         self.lrs = self._lrs(hypers, device or torch.device(self.device_type)) if tensor_lr else []
         return self.table
 
-    def update_runs(self, runs: list[tuple[int, Hyper]]) -> Tensor:
-        """The table of consecutive runs of (count, hyper); ``lrs`` is left to the caller."""
+    def update_runs(self, runs: list[tuple[int, Hyper]], salts: list[int] = ()) -> Tensor:
+        """The table of consecutive runs of (count, hyper), each tensor's seed XOR its salt
+        where ``salts`` has any; ``lrs`` is left to the caller."""
         key = tuple((count, hyper_row(h, self.device_type)) for count, h in runs)
+        salted = any(salts)
+        if salted:
+            key += (tuple(salts),)
         if key != self._key or self.table is None:
             n = sum(count for count, _ in runs)
             if self.table is None or self.table.shape[0] != n:
                 self.table = torch.empty((n, len(_ops.HYPER_COLUMNS)), dtype=torch.float64)
             view = self.table.numpy()
             start = 0
-            for cnt, row in key:
+            for cnt, row in key[: len(runs)]:
                 view[start : start + cnt] = row
                 start += cnt
+            if salted:  # (Python ints: torch.compile traces numpy calls as tensor ops)
+                hs = [h for count, h in runs for _ in range(count)]
+                view[:, _SEED] = [h.rounding_seed ^ s for h, s in zip(hs, salts)]
             self._key = key
         self.lrs = []
         return self.table
@@ -180,7 +191,7 @@ class CompiledBackend:
         v = bucket.exp_avg_sqs if bucket.exp_avg_sqs[0] is not None else []
         x = bucket.max_exp_avg_sqs if bucket.max_exp_avg_sqs[0] is not None else []
         handle = _ops._C.plan_new(bucket.params, bucket.exp_avgs, v, x, bucket.steps)
-        return None if handle is NotImplemented else FastBucket(handle, runs)
+        return None if handle is NotImplemented else FastBucket(handle, runs, bucket.salts)
 
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
         if len(bucket) == 0:
@@ -200,7 +211,7 @@ class CompiledBackend:
         tab = self._tables.get(table_key)
         if tab is None:
             tab = self._tables[table_key] = HyperTable(self.name)
-        hypers = tab.update(bucket.hypers, bucket.key.device)
+        hypers = tab.update(bucket.hypers, bucket.key.device, bucket.salts)
         v = bucket.exp_avg_sqs if bucket.exp_avg_sqs[0] is not None else []
         x = bucket.max_exp_avg_sqs if bucket.max_exp_avg_sqs[0] is not None else []
         try:
@@ -231,9 +242,10 @@ class FastBucket:
     layout the flat kernel cannot walk, a dispatch mode) makes it decline, having changed
     nothing, and the optimizer takes its general path."""
 
-    def __init__(self, handle, runs: list[tuple[int, int]]) -> None:
+    def __init__(self, handle, runs: list[tuple[int, int]], salts: list[int]) -> None:
         self.handle = handle
         self.runs = runs
+        self.salts = salts
         self.table = HyperTable("cpu")
 
     def __call__(self, hypers: list[Hyper], *, grad_scale=None, found_inf=None) -> bool:
@@ -243,7 +255,7 @@ class FastBucket:
         runs = [(count, hypers[gi]) for count, gi in self.runs]
         if any(isinstance(h.lr, Tensor) for _, h in runs):
             return False
-        table = self.table.update_runs(runs)
+        table = self.table.update_runs(runs, self.salts)
         if grad_scale is not None:
             grad_scale = grad_scale.to("cpu", torch.float32)
         if found_inf is not None:

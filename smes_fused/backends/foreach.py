@@ -128,17 +128,13 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
         _write_params(b, h, theta, t)
 
 
-def _sans_seed(h: Hyper) -> tuple:
-    return tuple(v for k, v in h.__dict__.items() if k != "rounding_seed")
-
-
 def _write_params(b: Bucket, h: Hyper, theta, t) -> None:
     """The new θ into 16-bit params: to nearest, or stochastically for bf16 (SPEC §4)."""
     if not (h.stochastic_rounding and b.key.param_dtype == torch.bfloat16):
         torch._foreach_copy_(b.params, theta)
         return
-    for p, x, ti, hp in zip(b.params, theta, t, b.hypers):  # each tensor's own seed
-        p.copy_(round_to_bf16(x, tensor_key(hp.rounding_seed, ti), like=p))
+    for p, x, ti, seed in zip(b.params, theta, t, b.seeds()):
+        p.copy_(round_to_bf16(x, tensor_key(seed, ti), like=p))
 
 
 def _extended_update(b: Bucket, h: Hyper, theta, g_cos, m, vv, t, bc1, bc2, lr, cd) -> None:
@@ -213,11 +209,8 @@ class ForeachBackend:
         groups: dict[int, list[int]] = {}
         hypers: dict[int, Hyper] = {}
         for i, h in enumerate(bucket.hypers):
-            # stochastically rounded tensors have hypers of their own that differ in the seed
-            # only (functional.seed_tensors): one group for them
-            k = _sans_seed(h) if h.stochastic_rounding else id(h)
-            groups.setdefault(k, []).append(i)
-            hypers[k] = h
+            groups.setdefault(id(h), []).append(i)
+            hypers[id(h)] = h
         for hid, idx in groups.items():
             _group_step(bucket.subset(idx), hypers[hid], grad_scale)
 

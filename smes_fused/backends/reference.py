@@ -69,8 +69,10 @@ def smes_tensor(
     step: Tensor,
     h: Hyper,
     grad_scale: Tensor | None = None,
+    salt: int = 0,
 ) -> None:
-    """One SMES step of one tensor; ``step`` already holds this step's count."""
+    """One SMES step of one tensor; ``step`` already holds this step's count; ``salt``: of its
+    rounding seed (``Bucket.salts``)."""
     cd = compute_dtype(param.dtype)
     theta = param.to(cd)
     g = grad.to(cd)
@@ -127,7 +129,7 @@ def smes_tensor(
 
     theta = theta * decay - (lr / bc1) * u
     if h.stochastic_rounding and param.dtype == torch.bfloat16:
-        theta = round_to_bf16(theta, tensor_key(h.rounding_seed, t), like=param)
+        theta = round_to_bf16(theta, tensor_key(h.rounding_seed ^ salt, t), like=param)
     param.copy_(theta)
 
 
@@ -155,6 +157,7 @@ class ReferenceBackend:
                 bucket.steps[i],
                 bucket.hypers[i],
                 grad_scale,
+                bucket.salts[i],
             )
 
 

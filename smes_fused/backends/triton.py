@@ -140,6 +140,7 @@ class TritonBackend:
             b.steps,
             b.hypers,
             variant,
+            salts=b.salts,
             grad_scale=grad_scale,
             found_inf=found_inf,
         )
@@ -161,7 +162,7 @@ def _traced_step(bucket: Bucket, variant, grad_scale, found_inf) -> None:
     from ..triton_kernels import smes_op
     from ..triton_kernels.smes import group_of
 
-    groups, index = group_of(bucket.hypers)
+    groups, index = group_of(bucket.hypers, bucket.salts)
     values, lr_tensors = smes_op.flatten_groups(groups)
     smes_op.triton_step_(
         bucket.params,
