@@ -147,6 +147,32 @@ class Bucket:
         """Each tensor's rounding seed."""
         return [h.rounding_seed ^ s for h, s in zip(self.hypers, self.salts)]
 
+    def check_state(self) -> None:
+        """Every state tensor of a bucket against its param, before anything is written (the
+        reference and foreach backends; the compiled and Triton kernels check in their own code):
+        the same shape and device as the param, a floating dtype, and a 1-element floating step.
+        Without it a param resized through ``.data`` failed half-way through a step with a
+        broadcast error, and an integer state was truncated to 0."""
+        names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        for i, p in enumerate(self.params):
+            state = (self.exp_avgs[i], self.exp_avg_sqs[i], self.max_exp_avg_sqs[i])
+            for name, t in zip(names, state):
+                if t is not None and (
+                    t.shape != p.shape or t.device != p.device or not t.is_floating_point()
+                ):
+                    raise ValueError(
+                        f"{name} of the param of shape {tuple(p.shape)} on {p.device} (tensor "
+                        f"{i} of its bucket) has shape {tuple(t.shape)}, dtype {t.dtype} on "
+                        f"{t.device}; optimizer state must have its param's shape and device "
+                        "and a floating dtype (was the param resized through .data?)"
+                    )
+            s = self.steps[i]
+            if s.numel() != 1 or not s.is_floating_point():
+                raise ValueError(
+                    f"step of the param of shape {tuple(p.shape)} (tensor {i} of its bucket): "
+                    f"expected a 1-element floating tensor, got shape {tuple(s.shape)}, {s.dtype}"
+                )
+
     def by_variant(self) -> dict[Variant, list[int]]:
         """Tensor indices per compile-time variant, in bucket order."""
         if self._by_variant is None:
@@ -164,6 +190,14 @@ class Bucket:
                 out.setdefault((v is not None, x is not None), []).append(i)
             self._by_state_kind = out
         return self._by_state_kind
+
+
+def unfit_state_dtype(key: BucketKey) -> str | None:
+    """Why no backend runs this bucket's state dtype, or None (an integer state would be
+    truncated: refused when backends are chosen, before any bucket is written)."""
+    if not key.state_dtype.is_floating_point:
+        return f"state dtype {key.state_dtype} (optimizer state must be floating point)"
+    return None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -321,10 +321,12 @@ def smes(
     ``state_steps`` are float32 scalar tensors holding the number of steps taken so far; they are
     advanced by one (not when ``found_inf`` is non-zero). ``exp_avg_sqs`` entries may be None
     only when ``exponent == 0`` (no second moment tracked); ``max_exp_avg_sqs`` entries are used
-    only with ``amsgrad``.
+    only with ``amsgrad`` (without it the list may be empty, as torch's ``adamw()`` gets it).
     """
     check_backend_name(backend)
     n = len(params)
+    if not amsgrad and len(max_exp_avg_sqs) == 0:  # as torch's adamw() is called without it
+        max_exp_avg_sqs = [None] * n
     lists = (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     if any(len(x) != n for x in lists):
         raise ValueError(

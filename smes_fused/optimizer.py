@@ -111,6 +111,10 @@ class SMES(Optimizer):
             (default: the step takes ``grad_scale``/``found_inf`` and unscales in the kernel, as
             torch's fused optimizers do) or ``"scaler"`` (the scaler unscales first, as for
             foreach AdamW: what Lightning needs to clip gradients under mixed precision).
+        foreach, fused, differentiable: AdamW's, taken so that its calls run unchanged:
+            ``foreach`` and ``fused`` are kept in the groups (an AdamW loading the state dict
+            reads them) but do not choose SMES's kernels (``backend`` does: ``"auto"`` takes
+            the fused one where there is one); ``differentiable=True`` is not implemented.
         max_grad_norm: clip the gradients by their global L2 norm inside the step, as
             ``clip_grad_norm_`` before it would (README, fused clipping); also an attribute,
             read at every step. ``opt.grad_norm`` is then the norm of the step's gradients (a
@@ -146,7 +150,19 @@ class SMES(Optimizer):
         backend: str = "auto",
         amp_unscale: str = "step",
         max_grad_norm: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ):
+        for name, flag in (("foreach", foreach), ("fused", fused)):
+            if flag not in (None, True, False):
+                raise TypeError(f"Invalid {name}: {flag!r}; expected None, True or False")
+        if differentiable is not False:
+            raise NotImplementedError(
+                f"differentiable={differentiable!r}: SMES's step is not differentiable (torch's "
+                "differentiable=True mode, for meta-learning through the update, is not "
+                "implemented); use torch.optim.AdamW(differentiable=True) for that"
+            )
         functional.check_backend_name(backend)
         _check_max_grad_norm(max_grad_norm)
         self.max_grad_norm = max_grad_norm
@@ -176,8 +192,8 @@ class SMES(Optimizer):
             state_dtype=state_dtype,
             capturable=capturable,
             # torch.optim.Adam(W)'s keys, so an SMES state_dict loads into AdamW unchanged.
-            foreach=None,
-            fused=None,
+            foreach=foreach,
+            fused=fused,
             differentiable=False,
         )
         super().__init__(params, defaults)
@@ -586,15 +602,16 @@ def _group_hyper(group: dict):
 
 
 def _signature(opt: SMES, hypers: list) -> tuple:
-    """What the buckets are made of, apart from the gradients: the groups' params and structural
-    settings, the backend, and the state (replaced by load_state_dict or by hand)."""
+    """What the buckets are made of, apart from the gradients: the groups' params (which
+    tensors: a param replaced in its group's list is seen) and structural settings, the backend,
+    and the state (replaced by load_state_dict or by hand)."""
     return (
         opt.backend,
         id(opt.state),
         len(opt.state),
         getattr(opt, "_state_version", 0),
         tuple(
-            (id(g["params"]), len(g["params"]), h.variant, g["state_dtype"], g["capturable"])
+            (tuple(map(id, g["params"])), h.variant, g["state_dtype"], g["capturable"])
             for g, h in zip(opt.param_groups, hypers)
         ),
     )

@@ -70,6 +70,25 @@ def test_group_params_given_as_generator_are_trained(backend):
     assert all(not torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
 
+@pytest.mark.parametrize("kw", [dict(foreach=False), dict(fused=True), dict(differentiable=False)])
+def test_adamw_implementation_keywords_are_taken(kw):
+    """``AdamW(..., fused=True)`` → ``SMES(..., fused=True)`` runs unchanged (these were
+    unexpected keywords); the step is SMES's whatever they say, and the groups keep them for an
+    AdamW that loads the state dict."""
+    ps, ref = list(_net().parameters()), list(_net().parameters())
+    opt, plain = SMES(ps, **kw), SMES(ref)
+    for s in range(3):
+        _grads(ps, s), _grads(ref, s)
+        opt.step(), plain.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, ref))
+    for k, v in kw.items():
+        assert opt.state_dict()["param_groups"][0][k] == v
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        SMES(ps, differentiable=True)
+    with pytest.raises(TypeError, match="fused"):
+        SMES(ps, fused="yes")
+
+
 def test_group_params_given_as_set_are_rejected():
     with pytest.raises(TypeError, match="not a set"):
         SMES([{"params": set(_net().parameters())}])
@@ -159,6 +178,39 @@ def test_mismatched_grad_after_the_first_step_mutates_nothing(backend, bad, exc,
     with pytest.raises(exc, match=words):
         opt.step()
     _assert_same(ps, opt, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_resized_through_data_mutates_nothing(backend):
+    """A param resized through ``.data`` after a step no longer fits its state: the step is
+    refused with nothing written (reference and foreach stepped the first param and its count,
+    then failed with a broadcast error)."""
+    ps, opt = _trained(backend)
+    ps[2].data = torch.randn(5, 3)
+    ps[2].grad = torch.randn(5, 3)
+    snap = _params_and_state(ps, opt)
+    with pytest.raises((ValueError, RuntimeError), match="shape"):
+        opt.step()
+    _assert_same(ps, opt, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_replaced_in_its_groups_list_is_the_one_stepped(backend):
+    """``param_groups[0]["params"][i] = new`` (the same list, the same length): the next step
+    steps the new param and makes its state, as AdamW does; the old one, out of the optimizer,
+    stays put (SMES kept its cached buckets and stepped the old tensor with the new one's
+    gradient)."""
+    torch.manual_seed(0)
+    a, b, c = (torch.randn(5, requires_grad=True) for _ in range(3))
+    opt = SMES([a, b], backend=backend)
+    a.grad, b.grad = torch.ones(5), torch.ones(5)
+    opt.step()
+    opt.param_groups[0]["params"][1] = c
+    a.grad, b.grad, c.grad = torch.ones(5), None, torch.ones(5)
+    b0, c0 = b.detach().clone(), c.detach().clone()
+    opt.step()
+    assert torch.equal(b, b0) and not torch.equal(c, c0)
+    assert float(opt.state[c]["step"]) == 1 and float(opt.state[a]["step"]) == 2
 
 
 # 6 ---------------------------------------------------------------- load_state_dict content

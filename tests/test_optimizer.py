@@ -304,6 +304,38 @@ def test_functional_rejects_mismatched_grads_before_mutating(grad, exc, words):
     assert all(s.item() == 0 for s in steps) and all(t.abs().sum() == 0 for t in m + v)
 
 
+@pytest.mark.parametrize("backend", host_backends())
+@pytest.mark.parametrize(
+    "bad",
+    [torch.zeros(4, 9), torch.zeros(9, 4, dtype=torch.int64)],
+    ids=["shape", "integer"],
+)
+def test_functional_rejects_bad_state_before_mutating(backend, bad):
+    """State that does not fit its param (another shape, an integer dtype) is refused with
+    nothing written on every backend (reference and foreach updated the first tensor and both
+    step counts, then raised a broadcast error; an integer state was truncated to 0)."""
+    params = [torch.randn(3), torch.randn(9, 4)]
+    snap = [t.clone() for t in params]
+    m = [torch.zeros(3), bad]
+    v = [torch.zeros(3), torch.zeros(9, 4)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    with pytest.raises((ValueError, RuntimeError), match="shape|dtype"):
+        functional.smes(params, [torch.randn(3), torch.randn(9, 4)], m, v, [], steps,
+                        backend=backend)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(params, snap))
+    assert all(s.item() == 0 for s in steps) and all(t.abs().sum() == 0 for t in m + v)
+
+
+def test_functional_takes_an_empty_max_exp_avg_sqs_as_adamw_does():
+    params = [torch.ones(3)]
+    functional.smes(params, [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [],
+                    [torch.tensor(0.0)], exponent=0.5)  # fmt: skip
+    assert not torch.equal(params[0], torch.ones(3))
+    with pytest.raises(ValueError, match="same length"):
+        functional.smes(params, [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [],
+                        [torch.tensor(0.0)], amsgrad=True)  # fmt: skip
+
+
 def test_load_state_dict_with_wrong_shapes_is_rejected_whole():
     ps, opt = _trained()
     sd = copy.deepcopy(opt.state_dict())

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype
+from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype, unfit_state_dtype
 from .._rounding import round_to_bf16, tensor_key
 from . import register
 from .reference import rectification
@@ -200,9 +200,10 @@ class ForeachBackend:
         return None
 
     def cannot_run(self, key: BucketKey) -> str | None:
-        return None
+        return unfit_state_dtype(key)
 
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+        bucket.check_state()
         if found_inf is not None and found_inf.item() != 0:
             return
         torch._foreach_add_(bucket.steps, 1)

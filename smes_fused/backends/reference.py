@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype
+from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype, unfit_state_dtype
 from .._rounding import round_to_bf16, tensor_key
 from . import register
 
@@ -141,9 +141,10 @@ class ReferenceBackend:
         return None
 
     def cannot_run(self, key: BucketKey) -> str | None:
-        return None
+        return unfit_state_dtype(key)
 
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
+        bucket.check_state()
         if found_inf is not None and found_inf.item() != 0:
             return
         torch._foreach_add_(bucket.steps, 1)
