@@ -24,6 +24,8 @@ from torch import nn
 
 from smes_fused import SMES, lr_for_exponent
 
+from .argtypes import finite_float, out_dir, positive_int
+
 MODES = ("float32", "bf16 nearest", "bf16 stochastic")
 
 
@@ -67,14 +69,15 @@ def run(mode: str, p: float, lr: float, seed: int, steps: int, backend: str) -> 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bf16_rounding", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--exponents", nargs="+", type=float, default=[0.5, -0.08])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--exponents", nargs="+", type=finite_float, default=[0.5, -0.08])
+    ap.add_argument("--seeds", type=positive_int, default=3)
+    ap.add_argument("--steps", type=positive_int, default=600)
     ap.add_argument("--adamw-lr", type=float, default=1e-3,
                     help="lr at p = 0.5; other p get lr_for_exponent(p, adamw_lr)")  # fmt: skip
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--out", default=os.path.join("runs", "bf16_rounding"))
     args = ap.parse_args(argv)
+    out_dir(ap, args.out)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows, t0 = [], time.perf_counter()
     for p in args.exponents:

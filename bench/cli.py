@@ -32,6 +32,8 @@ import time
 import torch
 
 from . import report
+from .argtypes import device as pick_device
+from .argtypes import finite_float, non_negative_int, out_dir, positive_float, positive_int
 from .competitors import smes_backends
 from .env import environment
 from .roofline import roofline
@@ -92,12 +94,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--exponents",
         nargs="+",
-        type=float,
+        type=finite_float,
         metavar="P",
         help=f"SMES exponents (default: {_list(EXPONENTS)}; --quick: {_list(QUICK_EXPONENTS)})",
     )
-    p.add_argument("--repeats", type=int, help="timed rounds per cell (default 10; --quick 3)")
-    p.add_argument("--warmup", type=int, help="untimed rounds per cell (default 3; --quick 1)")
+    p.add_argument(
+        "--repeats", type=positive_int, help="timed rounds per cell (default 10; --quick 3)"
+    )
+    p.add_argument(
+        "--warmup", type=non_negative_int, help="untimed rounds per cell (default 3; --quick 1)"
+    )
     p.add_argument(
         "--backends",
         nargs="+",
@@ -139,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--clip",
-        type=float,
+        type=positive_float,
         metavar="MAX_NORM",
         help="clipped steps: every AdamW after clip_grad_norm_(MAX_NORM, foreach=True) (40 B "
         "per float32 parameter), SMES with max_grad_norm=MAX_NORM (32 B)",
@@ -157,10 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.state_dtype == "float32":
             p.error("--state-dtype float32 is for bf16 params: it needs --dtype bfloat16 "
                     "(float32 params have float32 state already)")  # fmt: skip
-    for name in ("repeats", "warmup"):
-        value = getattr(args, name)
-        if value is not None and value < (1 if name == "repeats" else 0):
-            p.error(f"--{name} must be {'positive' if name == 'repeats' else 'non-negative'}")
+    args.device = pick_device(p, args.device)
+    out_dir(p, args.out)
     return args
 
 
@@ -185,10 +189,7 @@ def config_from(args: argparse.Namespace, device: torch.device, backends: tuple)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = args.device
     env = environment(device)
     considered = smes_backends(device, args.backends)
     backends = tuple(b for b, why in considered.items() if why is None)

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from .argtypes import finite_float, positive_int
+
 FLAGS = 1 | 2 | 16  # bias correction, decoupled decay, track v
 
 
@@ -55,9 +57,10 @@ def measure(n: int, exponents, calls: int, repeats: int) -> dict[float, float]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.compute_floor", description=__doc__)
-    ap.add_argument("--elements", type=int, default=32768, help="bucket size (default 32768)")
-    ap.add_argument("--exponents", type=float, nargs="+", default=[0.5, 0.0, 0.37, -0.08])
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--elements", type=positive_int, default=32768,
+                    help="bucket size (default 32768)")  # fmt: skip
+    ap.add_argument("--exponents", type=finite_float, nargs="+", default=[0.5, 0.0, 0.37, -0.08])
+    ap.add_argument("--repeats", type=positive_int, default=30)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from smes_fused import _ops

@@ -41,6 +41,8 @@ from torch import nn
 import smes_fused
 from smes_fused.in_backward import attach
 
+from .argtypes import device as pick_device
+from .argtypes import out_dir, positive_int
 from .env import environment
 from .shapes import _block
 
@@ -138,7 +140,8 @@ def rise_during(fn, device: torch.device) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.in_backward",
+                                 description=__doc__.split("\n\n")[0])  # fmt: skip
     ap.add_argument("--models", nargs="+", default=["mlp", "transformer"])
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--backend", default="auto", help="SMES backend (default: auto)")
@@ -152,15 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="transformer blocks")
     ap.add_argument("--seq", type=int, default=32, help="transformer sequence length")
     ap.add_argument("--batch", type=int, default=8, help="mlp batch; transformer: sequences")
-    ap.add_argument("--steps", type=int, default=5, help="timed rounds")
+    ap.add_argument("--steps", type=positive_int, default=5, help="timed rounds")
     ap.add_argument("--out", default=os.path.join("runs", "in_backward"),
                     help="directory for the CSV (default runs/in_backward/, git-ignored; "
                     "--out results for the committed one)")  # fmt: skip
     ap.add_argument("--suffix", default="", help="appended to the CSV name: in_backward_cpu_X")
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    device = pick_device(ap, args.device)
+    args.device = device.type
+    out_dir(ap, args.out)
     env = environment(device)
     env["command"] = " ".join(["python -m bench.in_backward", *(argv or sys.argv[1:])])
 

@@ -61,8 +61,13 @@ def main(argv=None) -> None:
     ap.add_argument("csv", help="a CSV written by python -m bench")
     ap.add_argument("--backend", default="cpu", help="the SMES backend to summarise (default cpu)")
     args = ap.parse_args(argv)
-    with open(args.csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(args.csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        ap.error(f"cannot read {args.csv}: {e.strerror}")
+    if not rows or "competitor" not in rows[0]:
+        ap.error(f"{args.csv} has no rows written by python -m bench")
     r = rows[0]
     where = (
         f"{r['command']}, commit {r['git_commit']}, {r['device_name']}, {r['threads']} threads, "

@@ -36,12 +36,21 @@ def lr_for_exponent(exponent: float, adamw_lr: float = 1e-3, typical_grad: float
     With the defaults: 1e-3 at p = 0.5, 0.1 at p = 0, 0.21 at p = −0.08. It is a starting point
     for a sweep (``python -m smes_fused.sweep`` searches ×¼ … ×4 around it), not a tuned value.
     """
+    for name, x in (("exponent", exponent), ("adamw_lr", adamw_lr), ("typical_grad", typical_grad)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise ValueError(f"lr_for_exponent: invalid {name}: {x!r}; expected a finite number")
     if not typical_grad > 0 or not adamw_lr > 0:
         raise ValueError(
             f"lr_for_exponent needs adamw_lr > 0 and typical_grad > 0, got {adamw_lr}, "
             f"{typical_grad}"
         )
-    return adamw_lr * typical_grad ** (2.0 * exponent - 1.0)
+    lr = adamw_lr * typical_grad ** (2.0 * exponent - 1.0)
+    if not 0 < lr < math.inf:
+        raise ValueError(
+            f"lr_for_exponent({exponent}, {adamw_lr}, {typical_grad}) = {lr}: outside the "
+            "floats (an exponent far from [-1, 1]?)"
+        )
+    return lr
 
 
 # SPEC §4 options: a group (or a pickle / checkpoint) made before they existed has their defaults.

@@ -154,7 +154,11 @@ class ExponentScheduler:
                     f"the loaded schedule has {len(state_dict[k])} {k}, this optimizer has {n} "
                     "param groups"
                 )
-        self._check_range(state_dict["start_exponents"], state_dict["end_exponents"])
+        self._check_range(
+            state_dict["start_exponents"],
+            state_dict["end_exponents"],
+            state_dict["_last_exponent"],  # written into the groups: a NaN there broke step()
+        )
         self.__dict__.update(state_dict)
         for group, p in zip(self.optimizer.param_groups, self._last_exponent):
             group["exponent"] = p
@@ -190,13 +194,16 @@ class ExponentScheduler:
             out.append(_real(f"{what} exponent of param group {i}", v))
         return out
 
-    def _check_range(self, starts, ends) -> None:
-        """Both endpoints of every group through the optimizer's group checks: the values in
-        between break a rule (p > 0 with eps = 0, p != 0 without v) only if an endpoint does."""
+    def _check_range(self, starts, ends, currents=None) -> None:
+        """Both endpoints of every group (and a loaded current value) through the optimizer's
+        group checks: the values in between break a rule (p > 0 with eps = 0, p != 0 without v)
+        only if an endpoint does."""
         from .optimizer import _group_hyper
 
-        for i, (group, s, e) in enumerate(zip(self.optimizer.param_groups, starts, ends)):
-            for what, p in (("start", s), ("end", e)):
+        currents = currents if currents is not None else starts
+        groups = self.optimizer.param_groups
+        for i, (group, s, e, c) in enumerate(zip(groups, starts, ends, currents)):
+            for what, p in (("start", s), ("end", e), ("current", c)):
                 p = _real(f"{what} exponent of param group {i}", p)
                 try:
                     _group_hyper({**group, "exponent": p})

@@ -224,6 +224,54 @@ def test_stochastic_rounding_run_beside_round_to_nearest(tmp_path):
         assert all(float(r["speedup_vs_fused_adamw"]) > 0 for r in mine)
 
 
+@pytest.mark.parametrize(
+    "module, flags, words",
+    [
+        ("bench", ["--clip", "0"], "--clip: must be > 0"),
+        ("bench", ["--clip", "nan"], "--clip: must be > 0"),
+        ("bench", ["--exponents", "nan"], "--exponents: must be finite"),
+        ("bench", ["--repeats", "0"], "--repeats: must be at least 1"),
+        ("bench", ["--out", os.path.join(ROOT, "README.md")], "exists and is not a folder"),
+        ("bench.in_backward", ["--steps", "0"], "--steps: must be at least 1"),
+        ("bench.compute_floor", ["--elements", "0"], "--elements: must be at least 1"),
+        ("bench.bf16_rounding", ["--seeds", "0"], "--seeds: must be at least 1"),
+        ("bench.summary", ["no_such.csv"], "cannot read no_such.csv"),
+    ],
+)
+def test_bad_flags_are_usage_errors(module, flags, words, capsys):
+    """Bad values end in a usage error naming the flag, before any work (they were accepted
+    and every SMES cell skipped with exit code 0, or a traceback came at the end of the run,
+    its results lost)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module if module != "bench" else "bench.cli").main(flags)
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_explicit_cuda_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cuda"])
+    assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_compiled_adamw_clips_when_asked():
+    """``--compile --clip``: the compiled AdamW runs clip_grad_norm_ too (it did not, and was
+    billed the 40 B of a clipped step)."""
+    from bench.competitors import specs
+
+    spec = next(s for s in specs(torch.device("cpu"), 0.5, (), unfused_adamw=False,
+                                 compile=True, clip=1.0) if s.name == "AdamW compiled")  # fmt: skip
+    params = [torch.zeros(100, requires_grad=True)]
+    params[0].grad = torch.full((100,), 10.0)
+    step, _ = spec.build(params)
+    step()
+    assert float(params[0].grad.norm()) == pytest.approx(1.0, rel=1e-4)
+    assert spec.bytes_per_param == 40
+
+
 @pytest.mark.parametrize("flags", [["--stochastic-rounding"], ["--state-dtype", "float32"]])
 def test_bf16_only_flags_need_bf16_params(flags, capsys):
     with pytest.raises(SystemExit) as e:

@@ -368,6 +368,15 @@ def test_cuda_backend_reason_names_the_failed_build_condition():
 # 11 --------------------------------------------------------------- an lr rule across p
 
 
+@pytest.mark.parametrize(
+    "args", [(float("nan"),), (float("inf"),), (True,), (0.5, float("inf")), (0.5, 0.0), (200.0,)]
+)
+def test_lr_for_exponent_rejects_what_is_no_lr(args):
+    """(nan gave nan, inf 0, True 1e-5: the error then blamed the lr)"""
+    with pytest.raises(ValueError, match="lr_for_exponent"):
+        smes_fused.lr_for_exponent(*args)
+
+
 def test_lr_for_exponent_anchors_and_the_quick_start():
     lr = smes_fused.lr_for_exponent
     assert lr(0.5) == pytest.approx(1e-3)

@@ -144,6 +144,19 @@ def test_state_dict_holds_no_optimizer_and_loads_in_either_order():
     assert sched2.get_last_exponent() == sched.get_last_exponent()
 
 
+def test_state_dict_with_a_non_finite_current_exponent_is_rejected():
+    """The loaded current exponent goes into the groups: a NaN one was written there and
+    broke the next step()."""
+    opt = _two_groups()
+    sched = LinearExponent(opt, start=0.5, end=0.1, total_steps=10)
+    sd = sched.state_dict()
+    sd["_last_exponent"] = [float("nan"), 0.3]
+    before = [g["exponent"] for g in opt.param_groups]
+    with pytest.raises(ValueError, match="current exponent of param group 0"):
+        sched.load_state_dict(sd)
+    assert [g["exponent"] for g in opt.param_groups] == before
+
+
 def test_next_to_an_lr_scheduler_each_sets_its_own_key():
     """StepLR and a cosine exponent on one optimizer, against the same run with both values set
     by hand each step."""

@@ -135,6 +135,36 @@ def test_quick_sweep_writes_csv_and_plots(tmp_path, capsys):
     assert sweep.main(["--replot", "--out", str(tmp_path / "empty")]) == 2
 
 
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--train-size", "0"], "--train-size must be >= 1"),  # took every image
+        (["--train-size", "-5"], "--train-size must be >= 1"),  # dropped the last 5
+        (["--lr", "-1"], "--lr must be > 0"),  # tracebacks from the training code
+        (["--lr-mults", "1,-1"], "--lr-mults must be > 0"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["--seeds", "0,0"], "--seeds has repeated values"),  # duplicate rows
+        (["--exponents", "nan"], "exponents must be finite"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_run(flags, words, tmp_path, capsys):
+    from smes_fused.sweep.cli import main
+
+    assert main(["--out", str(tmp_path), *flags]) == 2
+    assert words in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_a_file_with_nothing_to_write_is_removed_not_left_stale(tmp_path):
+    """A grid without p = 0 or 0.5 has nothing to pair: an earlier run's _paired.csv was left
+    in place (and reported as written)."""
+    from smes_fused.sweep.output import write_csv
+
+    path = str(tmp_path / "sweep_paired.csv")
+    assert write_csv(path, [{"a": 1}]) and os.path.isfile(path)
+    assert not write_csv(path, []) and not os.path.exists(path)
+
+
 def test_help_runs_as_a_module():
     r = subprocess.run(
         [sys.executable, "-m", "smes_fused.sweep", "--help"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import time
@@ -333,14 +334,39 @@ def _load(args: argparse.Namespace, train_size: int | None, seeds: tuple[int, ..
     return load_data(args.data, train_size, **opts)
 
 
+def problem(cfg: Config, train_size: int | None) -> str | None:
+    """What is wrong with the grid, the settings and the requested train size before any run
+    starts, or None (bad values surfaced as tracebacks from the training code, or from the pool
+    of worker processes; a train size of 0 took every image, -5 all but 5)."""
+    if not cfg.exponents or not cfg.seeds or not cfg.lr_mults or cfg.epochs < 1:
+        return "empty grid (exponents, seeds, lr-mults) or epochs < 1"
+    if cfg.log_every < 1:
+        return "--log-every must be >= 1"
+    grids = (("exponents", cfg.exponents), ("seeds", cfg.seeds), ("lr-mults", cfg.lr_mults))
+    for name, values in grids:
+        if len(set(values)) != len(values):
+            return f"--{name} has repeated values: {values}"
+    if not all(math.isfinite(p) for p in (*cfg.exponents, cfg.exponent_start)):
+        return f"exponents must be finite: {cfg.exponents}"
+    lrs = {"lr-mults": cfg.lr_mults, "lr0": (cfg.lr0,), "lr-half": (cfg.lr_half,)}
+    if cfg.lr is not None:
+        lrs["lr"] = (cfg.lr,)
+    for name, values in lrs.items():
+        if not all(0 < v < math.inf for v in values):
+            return f"--{name} must be > 0 and finite: {values}"
+    if not 0 <= cfg.weight_decay < math.inf:
+        return f"--weight-decay must be >= 0 and finite: {cfg.weight_decay}"
+    if train_size is not None and train_size < 1:
+        return f"--train-size must be >= 1, got {train_size}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, train_size, jobs, tag = resolve(args)
-    if not cfg.exponents or not cfg.seeds or not cfg.lr_mults or cfg.epochs < 1:
-        print("error: empty grid (exponents, seeds, lr-mults) or epochs < 1", file=sys.stderr)
-        return 2
-    if cfg.log_every < 1:
-        print("error: --log-every must be >= 1", file=sys.stderr)
+    why = problem(cfg, args.train_size)
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
         return 2
 
     stem = os.path.join(args.out, tag)
@@ -374,17 +400,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in runs if r["lr"] == chosen[r["p"]]]
     wall = time.perf_counter() - t0
 
-    write_csv(stem + ".csv", rows)
-    write_csv(stem + "_runs.csv", runs)
-    write_csv(stem + "_epochs.csv", epochs)
-    write_csv(stem + "_paired.csv", paired_rows(rows))
+    written = [
+        path
+        for path, rs in (
+            (".csv", rows),
+            ("_runs.csv", runs),
+            ("_epochs.csv", epochs),
+            ("_paired.csv", paired_rows(rows)),
+        )
+        if write_csv(stem + path, rs)
+    ]
     if not args.no_plots:
         plot_all(rows, stem)
+        written += ["_accuracy.png", "_layers.png"]
     print(settings_line(cfg))
     print(summary_table(rows, runs))
     print()
     print(paired_table(rows))
-    print(f"wall time {wall:.1f} s ({n_runs} runs); wrote {stem}.csv, {stem}_runs.csv, ", end="")
-    print(f"{stem}_epochs.csv, {stem}_paired.csv", end="")
-    print("" if args.no_plots else f", {stem}_accuracy.png, {stem}_layers.png")
+    print(f"wall time {wall:.1f} s ({n_runs} runs); wrote " + ", ".join(stem + w for w in written))
     return 0

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import numpy as np
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
+def write_csv(path: str, rows: list[dict]) -> bool:
+    """Whether it wrote ``path``; with no rows it removes one an earlier run left there (a
+    stale file would read as this run's)."""
     if not rows:
-        return
+        if os.path.isfile(path):
+            os.remove(path)
+        return False
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return True
 
 
 def ratio_columns(rows: list[dict]) -> list[str]:
