@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -92,33 +93,18 @@ def group_of(hypers, salts=()) -> tuple[list, list[int]]:
     """The distinct hyperparameter objects (one per param group) and each tensor's index. A
     tensor with a rounding salt (``smes_fused``'s ``Bucket.salts``: its seed is its group's XOR
     the salt) gets a group of its own, with that seed."""
-    if any(salts):
-        return _group_of_salted(hypers, salts)
     groups: list = []
     index: list[int] = []
     seen: dict = {}
-    prev, gprev = None, -1
-    for h in hypers:
-        if h is not prev:
-            gprev = seen.get(id(h))
+    prev, prev_salt, gprev = None, 0, -1
+    for h, s in zip(hypers, salts or itertools.repeat(0)):
+        if h is not prev or s != prev_salt:
+            gprev = seen.get((id(h), s))
             if gprev is None:
-                gprev = seen[id(h)] = len(groups)
-                groups.append(h)
-            prev = h
+                gprev = seen[id(h), s] = len(groups)
+                groups.append(dataclasses.replace(h, rounding_seed=h.rounding_seed ^ s) if s else h)
+            prev, prev_salt = h, s
         index.append(gprev)
-    return groups, index
-
-
-def _group_of_salted(hypers, salts) -> tuple[list, list[int]]:
-    groups: list = []
-    index: list[int] = []
-    seen: dict = {}
-    for h, s in zip(hypers, salts):
-        g = seen.get((id(h), s))
-        if g is None:
-            g = seen[id(h), s] = len(groups)
-            groups.append(dataclasses.replace(h, rounding_seed=h.rounding_seed ^ s) if s else h)
-        index.append(g)
     return groups, index
 
 

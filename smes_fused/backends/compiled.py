@@ -245,7 +245,7 @@ class FastBucket:
     def __init__(self, handle, runs: list[tuple[int, int]], salts: list[int]) -> None:
         self.handle = handle
         self.runs = runs
-        self.salts = salts
+        self.salts = salts if any(salts) else ()  # (checked once, not per step)
         self.table = HyperTable("cpu")
 
     def __call__(self, hypers: list[Hyper], *, grad_scale=None, found_inf=None) -> bool:
