@@ -427,13 +427,16 @@ PyObject* step_direct(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// first_bad_grad(params, grads): the index of the first grad (None entries skipped) whose layout
-// is not strided or whose shape, dtype or device differs from its param's; -1 if there is none.
-// The optimizer checks every step's grads with it (~20 ns a pair) and lets Python word the error.
-PyObject* first_bad_grad(PyObject*, PyObject* args) {
+// first_misfit(params, tensors, same_dtype): the index of the first tensor (None entries skipped)
+// whose layout is not strided or whose shape or device differs from its param's, or whose dtype
+// differs from its param's (same_dtype: a gradient) or is not floating (optimizer state); -1 if
+// there is none. The optimizer checks every step's grads with it (~20 ns a pair), and every
+// bucket's state before stepping any of several buckets, and lets Python word the error.
+PyObject* first_misfit(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *pl, *gl;
-  if (!PyArg_ParseTuple(args, "OO:first_bad_grad", &pl, &gl)) return nullptr;
+  int same_dtype = 1;
+  if (!PyArg_ParseTuple(args, "OO|p:first_misfit", &pl, &gl, &same_dtype)) return nullptr;
   TupleArgs owned;
   PyObject* ps = owned.add(pl);
   if (ps == nullptr) return nullptr;
@@ -441,7 +444,7 @@ PyObject* first_bad_grad(PyObject*, PyObject* args) {
   if (gs == nullptr) return nullptr;
   const Py_ssize_t n = PyTuple_GET_SIZE(ps);
   if (PyTuple_GET_SIZE(gs) != n) {
-    PyErr_SetString(PyExc_ValueError, "first_bad_grad: params and grads differ in length");
+    PyErr_SetString(PyExc_ValueError, "first_misfit: params and tensors differ in length");
     return nullptr;
   }
   for (Py_ssize_t i = 0; i < n; ++i) {
@@ -451,8 +454,10 @@ PyObject* first_bad_grad(PyObject*, PyObject* args) {
     if (!THPVariable_Check(po) || !THPVariable_Check(go)) return PyLong_FromSsize_t(i);
     const at::Tensor& p = THPVariable_Unpack(po);
     const at::Tensor& g = THPVariable_Unpack(go);
-    if (g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
-        g.device() != p.device() || g.sym_sizes() != p.sym_sizes())
+    const bool dtype_ok =
+        same_dtype ? g.scalar_type() == p.scalar_type() : at::isFloatingType(g.scalar_type());
+    if (g.layout() != at::kStrided || !dtype_ok || g.device() != p.device() ||
+        g.sym_sizes() != p.sym_sizes())
       return PyLong_FromSsize_t(i);
   }
   return PyLong_FromLong(-1);
@@ -680,8 +685,8 @@ static PyMethodDef smes_methods[] = {
      "Stochastic rounding noise of a vector's and a pair's lanes at an element index (tests)."},
     {"step_direct", smes::cpu::step_direct, METH_VARARGS,
      "smes_step_ on plain CPU tensors without the dispatcher; NotImplemented when it cannot."},
-    {"first_bad_grad", smes::cpu::first_bad_grad, METH_VARARGS,
-     "Index of the first grad whose layout, shape, dtype or device differs from its param's."},
+    {"first_misfit", smes::cpu::first_misfit, METH_VARARGS,
+     "Index of the first grad or state tensor that does not fit its param."},
     {"state_matches", smes::cpu::state_matches, METH_VARARGS,
      "Whether optimizer state still holds exactly the given tensor objects."},
     {"plan_new", smes::cpu::plan_new, METH_VARARGS,

@@ -148,26 +148,28 @@ class Bucket:
         return [h.rounding_seed ^ s for h, s in zip(self.hypers, self.salts)]
 
     def check_state(self) -> None:
-        """Every state tensor of a bucket against its param, before anything is written (the
-        reference and foreach backends; the compiled and Triton kernels check in their own code):
-        the same shape and device as the param, a floating dtype, and a 1-element floating step.
-        Without it a param resized through ``.data`` failed half-way through a step with a
-        broadcast error, and an integer state was truncated to 0."""
+        """Every state tensor of a bucket against its param, before anything is written: the
+        same shape and device as the param, strided, a floating dtype, and a 1-element floating
+        step. The reference and foreach backends call it, and ``functional.apply`` for every
+        bucket of a step of several (the compiled and Triton kernels check their own bucket in
+        their own code). Without it a param resized through ``.data`` failed half-way through a
+        step with a broadcast error, and an integer state was truncated to 0."""
+        from . import _ops
+
         names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        for i, p in enumerate(self.params):
-            state = (self.exp_avgs[i], self.exp_avg_sqs[i], self.max_exp_avg_sqs[i])
-            for name, t in zip(names, state):
-                if t is not None and (
-                    t.shape != p.shape or t.device != p.device or not t.is_floating_point()
-                ):
-                    raise ValueError(
-                        f"{name} of the param of shape {tuple(p.shape)} on {p.device} (tensor "
-                        f"{i} of its bucket) has shape {tuple(t.shape)}, dtype {t.dtype} on "
-                        f"{t.device}; optimizer state must have its param's shape and device "
-                        "and a floating dtype (was the param resized through .data?)"
-                    )
-            s = self.steps[i]
+        for name, ts in zip(names, (self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs)):
+            i = _ops.first_misfit(self.params, ts, same_dtype=False)
+            if i is not None:
+                p, t = self.params[i], ts[i]
+                raise ValueError(
+                    f"{name} of the param of shape {tuple(p.shape)} on {p.device} (tensor "
+                    f"{i} of its bucket) has shape {tuple(t.shape)}, dtype {t.dtype} on "
+                    f"{t.device}; optimizer state must have its param's shape and device "
+                    "and a floating dtype (was the param resized through .data?)"
+                )
+        for i, s in enumerate(self.steps):
             if s.numel() != 1 or not s.is_floating_point():
+                p = self.params[i]
                 raise ValueError(
                     f"step of the param of shape {tuple(p.shape)} (tensor {i} of its bucket): "
                     f"expected a 1-element floating tensor, got shape {tuple(s.shape)}, {s.dtype}"

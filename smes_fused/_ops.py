@@ -85,20 +85,23 @@ if HAVE_C:
         return None
 
 
-def first_bad_grad(params: list[Tensor], grads: list[Tensor | None]) -> int | None:
-    """The index of the first grad (None entries skipped) that is not strided or whose shape,
-    dtype or device differs from its param's; None if every one fits. In C++ when the extension
-    is loaded (~20 ns a pair), in Python otherwise and while torch.compile traces (where the
-    comparisons are resolved at trace time)."""
+def first_misfit(
+    params: list[Tensor], tensors: list[Tensor | None], same_dtype: bool = True
+) -> int | None:
+    """The index of the first tensor (None entries skipped) that is not strided or whose shape or
+    device differs from its param's, or whose dtype differs from its param's (``same_dtype``: a
+    gradient) or is not floating (optimizer state); None if every one fits. In C++ when the
+    extension is loaded (~20 ns a pair), in Python otherwise and while torch.compile traces
+    (where the comparisons are resolved at trace time)."""
     if HAVE_C and not torch.compiler.is_compiling():
-        i = _C.first_bad_grad(params, grads)
+        i = _C.first_misfit(params, tensors, same_dtype)
         return None if i < 0 else i
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g is not None and (
-            g.layout is not torch.strided
-            or g.dtype != p.dtype
-            or g.device != p.device
-            or g.shape != p.shape
+    for i, (p, t) in enumerate(zip(params, tensors, strict=True)):
+        if t is not None and (
+            t.layout is not torch.strided
+            or (t.dtype != p.dtype if same_dtype else not t.is_floating_point())
+            or t.device != p.device
+            or t.shape != p.shape
         ):
             return i
     return None

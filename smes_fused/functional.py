@@ -172,7 +172,7 @@ def check_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Non
     """:func:`check_grad` for every (param, grad) pair whose grad is not None, cheaply: a step's
     gradients are compared with their params on every step (in C++ when the extension is built,
     ~20 ns a pair), and the first mismatch is reported by :func:`check_grad`."""
-    bad = _ops.first_bad_grad(params, grads)
+    bad = _ops.first_misfit(params, grads)
     if bad is not None:
         check_grad(params[bad], grads[bad])
 
@@ -278,9 +278,13 @@ def apply(
 ) -> None:
     """Apply every bucket with its backend, which also advances the step counts (unless
     ``found_inf`` is non-zero: then nothing changes, with no host sync on the fused paths)."""
-    for key, bucket in buckets.items():
-        if len(bucket) == 0:
-            continue
+    live = [(key, bucket) for key, bucket in buckets.items() if len(bucket)]
+    if len(live) > 1:
+        # Each backend checks its own bucket before writing it; with several buckets, a refusal
+        # in a later one would leave the earlier ones stepped: check them all first.
+        for _, bucket in live:
+            bucket.check_state()
+    for key, bucket in live:
         dev = key.device
         gs = None if grad_scale is None else grad_scale.to(dev, torch.float32, non_blocking=True)
         fi = None if found_inf is None else found_inf.to(dev, torch.float32, non_blocking=True)

@@ -194,6 +194,27 @@ def test_param_resized_through_data_mutates_nothing(backend):
     _assert_same(ps, opt, snap)
 
 
+@pytest.mark.parametrize("resized", [0, 1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_resized_in_one_of_two_buckets_mutates_nothing(backend, resized):
+    """The same with two buckets (a float32 and a bf16 param): every bucket's state is checked
+    before any bucket is stepped (each backend checked its own bucket, so the float32 param and
+    its count were stepped before the bf16 bucket was refused)."""
+    torch.manual_seed(0)
+    ps = [torch.randn(4, requires_grad=True), torch.randn(3, dtype=torch.bfloat16).requires_grad_()]
+    opt = SMES(ps, lr=0.1, exponent=-0.08, backend=backend)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    ps[resized].data = torch.randn(5, dtype=ps[resized].dtype)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    snap = _params_and_state(ps, opt)
+    with pytest.raises((ValueError, RuntimeError), match="shape"):
+        opt.step()
+    _assert_same(ps, opt, snap)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_param_replaced_in_its_groups_list_is_the_one_stepped(backend):
     """``param_groups[0]["params"][i] = new`` (the same list, the same length): the next step
