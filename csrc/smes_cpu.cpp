@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
@@ -427,16 +428,21 @@ PyObject* step_direct(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// first_misfit(params, tensors, same_dtype): the index of the first tensor (None entries skipped)
-// whose layout is not strided or whose shape or device differs from its param's, or whose dtype
-// differs from its param's (same_dtype: a gradient) or is not floating (optimizer state); -1 if
+// first_misfit(params, tensors, dtype=None): the index of the first tensor (None entries
+// skipped) whose layout is not strided, whose shape or device differs from its param's, or whose
+// dtype differs from its param's (dtype None: gradients) or from `dtype` (a bucket's state); -1 if
 // there is none. The optimizer checks every step's grads with it (~20 ns a pair), and every
-// bucket's state before stepping any of several buckets, and lets Python word the error.
+// bucket's state before it steps any bucket, and lets Python word the error.
 PyObject* first_misfit(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *pl, *gl;
-  int same_dtype = 1;
-  if (!PyArg_ParseTuple(args, "OO|p:first_misfit", &pl, &gl, &same_dtype)) return nullptr;
+  PyObject *pl, *gl, *dt = Py_None;
+  if (!PyArg_ParseTuple(args, "OO|O:first_misfit", &pl, &gl, &dt)) return nullptr;
+  if (dt != Py_None && !THPDtype_Check(dt)) {
+    PyErr_SetString(PyExc_TypeError, "first_misfit: dtype must be a torch.dtype or None");
+    return nullptr;
+  }
+  const bool own = dt == Py_None;
+  const at::ScalarType want = own ? at::ScalarType::Undefined : ((THPDtype*)dt)->scalar_type;
   TupleArgs owned;
   PyObject* ps = owned.add(pl);
   if (ps == nullptr) return nullptr;
@@ -454,11 +460,26 @@ PyObject* first_misfit(PyObject*, PyObject* args) {
     if (!THPVariable_Check(po) || !THPVariable_Check(go)) return PyLong_FromSsize_t(i);
     const at::Tensor& p = THPVariable_Unpack(po);
     const at::Tensor& g = THPVariable_Unpack(go);
-    const bool dtype_ok =
-        same_dtype ? g.scalar_type() == p.scalar_type() : at::isFloatingType(g.scalar_type());
-    if (g.layout() != at::kStrided || !dtype_ok || g.device() != p.device() ||
-        g.sym_sizes() != p.sym_sizes())
+    if (g.layout() != at::kStrided || g.scalar_type() != (own ? p.scalar_type() : want) ||
+        g.device() != p.device() || g.sym_sizes() != p.sym_sizes())
       return PyLong_FromSsize_t(i);
+  }
+  return PyLong_FromLong(-1);
+  END_HANDLE_TH_ERRORS
+}
+
+// first_bad_step(steps): the index of the first step count that is not a one-element floating
+// tensor; -1 if there is none (with first_misfit, a bucket's check before any bucket is stepped).
+PyObject* first_bad_step(PyObject*, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  TupleArgs owned;
+  PyObject* ss = owned.add(arg);
+  if (ss == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ss); ++i) {
+    PyObject* so = PyTuple_GET_ITEM(ss, i);
+    if (!THPVariable_Check(so)) return PyLong_FromSsize_t(i);
+    const at::Tensor& t = THPVariable_Unpack(so);
+    if (t.sym_numel() != 1 || !at::isFloatingType(t.scalar_type())) return PyLong_FromSsize_t(i);
   }
   return PyLong_FromLong(-1);
   END_HANDLE_TH_ERRORS
@@ -687,6 +708,8 @@ static PyMethodDef smes_methods[] = {
      "smes_step_ on plain CPU tensors without the dispatcher; NotImplemented when it cannot."},
     {"first_misfit", smes::cpu::first_misfit, METH_VARARGS,
      "Index of the first grad or state tensor that does not fit its param."},
+    {"first_bad_step", smes::cpu::first_bad_step, METH_O,
+     "Index of the first step count that is not a one-element floating tensor."},
     {"state_matches", smes::cpu::state_matches, METH_VARARGS,
      "Whether optimizer state still holds exactly the given tensor objects."},
     {"plan_new", smes::cpu::plan_new, METH_VARARGS,

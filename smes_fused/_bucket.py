@@ -149,31 +149,36 @@ class Bucket:
 
     def check_state(self) -> None:
         """Every state tensor of a bucket against its param, before anything is written: the
-        same shape and device as the param, strided, a floating dtype, and a 1-element floating
-        step. The reference and foreach backends call it, and ``functional.apply`` for every
-        bucket of a step of several (the compiled and Triton kernels check their own bucket in
-        their own code). Without it a param resized through ``.data`` failed half-way through a
-        step with a broadcast error, and an integer state was truncated to 0."""
+        same shape and device as the param, strided, the bucket's state dtype (exp_avg_sq and
+        max_exp_avg_sq that of exp_avg, as the fused kernels require), and a 1-element floating
+        step. ``functional.apply`` calls it for every bucket of a step before it steps any (a
+        backend may launch a bucket in parts: per state kind, per variant), and the reference
+        and foreach backends for their own. Without it a param resized through ``.data`` failed
+        half-way through a step with a broadcast error, and an integer state was truncated to
+        0."""
         from . import _ops
 
         names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        for name, ts in zip(names, (self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs)):
-            i = _ops.first_misfit(self.params, ts, same_dtype=False)
+        lists = (self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs)
+        sdt = self.key.state_dtype
+        for name, ts in zip(names, lists):
+            i = _ops.first_misfit(self.params, ts, sdt)
             if i is not None:
                 p, t = self.params[i], ts[i]
+                hint = " (was the param resized through .data?)" if t.shape != p.shape else ""
                 raise ValueError(
                     f"{name} of the param of shape {tuple(p.shape)} on {p.device} (tensor "
                     f"{i} of its bucket) has shape {tuple(t.shape)}, dtype {t.dtype} on "
                     f"{t.device}; optimizer state must have its param's shape and device "
-                    "and a floating dtype (was the param resized through .data?)"
+                    f"and the dtype of its exp_avg ({sdt}){hint}"
                 )
-        for i, s in enumerate(self.steps):
-            if s.numel() != 1 or not s.is_floating_point():
-                p = self.params[i]
-                raise ValueError(
-                    f"step of the param of shape {tuple(p.shape)} (tensor {i} of its bucket): "
-                    f"expected a 1-element floating tensor, got shape {tuple(s.shape)}, {s.dtype}"
-                )
+        i = _ops.first_bad_step(self.steps)
+        if i is not None:
+            p, s = self.params[i], self.steps[i]
+            raise ValueError(
+                f"step of the param of shape {tuple(p.shape)} (tensor {i} of its bucket): "
+                f"expected a 1-element floating tensor, got shape {tuple(s.shape)}, {s.dtype}"
+            )
 
     def by_variant(self) -> dict[Variant, list[int]]:
         """Tensor indices per compile-time variant, in bucket order."""

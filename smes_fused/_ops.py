@@ -86,23 +86,34 @@ if HAVE_C:
 
 
 def first_misfit(
-    params: list[Tensor], tensors: list[Tensor | None], same_dtype: bool = True
+    params: list[Tensor], tensors: list[Tensor | None], dtype: torch.dtype | None = None
 ) -> int | None:
-    """The index of the first tensor (None entries skipped) that is not strided or whose shape or
-    device differs from its param's, or whose dtype differs from its param's (``same_dtype``: a
-    gradient) or is not floating (optimizer state); None if every one fits. In C++ when the
+    """The index of the first tensor (None entries skipped) that is not strided, whose shape or
+    device differs from its param's, or whose dtype differs from its param's (``dtype`` None: a
+    gradient) or from ``dtype`` (a bucket's state); None if every one fits. In C++ when the
     extension is loaded (~20 ns a pair), in Python otherwise and while torch.compile traces
     (where the comparisons are resolved at trace time)."""
     if HAVE_C and not torch.compiler.is_compiling():
-        i = _C.first_misfit(params, tensors, same_dtype)
+        i = _C.first_misfit(params, tensors, dtype)
         return None if i < 0 else i
     for i, (p, t) in enumerate(zip(params, tensors, strict=True)):
         if t is not None and (
             t.layout is not torch.strided
-            or (t.dtype != p.dtype if same_dtype else not t.is_floating_point())
+            or t.dtype != (p.dtype if dtype is None else dtype)
             or t.device != p.device
             or t.shape != p.shape
         ):
+            return i
+    return None
+
+
+def first_bad_step(steps: list[Tensor]) -> int | None:
+    """The index of the first step count that is not a one-element floating tensor, or None."""
+    if HAVE_C and not torch.compiler.is_compiling():
+        i = _C.first_bad_step(steps)
+        return None if i < 0 else i
+    for i, s in enumerate(steps):
+        if not isinstance(s, Tensor) or s.numel() != 1 or not s.is_floating_point():
             return i
     return None
 

@@ -279,11 +279,11 @@ def apply(
     """Apply every bucket with its backend, which also advances the step counts (unless
     ``found_inf`` is non-zero: then nothing changes, with no host sync on the fused paths)."""
     live = [(key, bucket) for key, bucket in buckets.items() if len(bucket)]
-    if len(live) > 1:
-        # Each backend checks its own bucket before writing it; with several buckets, a refusal
-        # in a later one would leave the earlier ones stepped: check them all first.
-        for _, bucket in live:
-            bucket.check_state()
+    # Each backend checks what it launches before writing it, but a step may be several
+    # launches (buckets; a bucket's state kinds or variants): a refusal in a later one would
+    # leave the earlier ones stepped. So every bucket is checked before any is stepped.
+    for _, bucket in live:
+        bucket.check_state()
     for key, bucket in live:
         dev = key.device
         gs = None if grad_scale is None else grad_scale.to(dev, torch.float32, non_blocking=True)

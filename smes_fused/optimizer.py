@@ -325,10 +325,11 @@ class SMES(Optimizer):
             plan = self._plan = _Plan(self, hypers, grads)
         else:
             plan.refresh(hypers, grads)
-        self.grad_norm = None
+        norm = None
         if clip is not None:
-            self.grad_norm, grad_scale = _clip_scale(grads, clip, grad_scale)
+            norm, grad_scale = _clip_scale(grads, clip, grad_scale)
         functional.apply(plan.buckets, plan.backends, grad_scale=grad_scale, found_inf=found_inf)
+        self.grad_norm = norm  # after apply, which refuses bad state with nothing changed
         return loss
 
     @staticmethod

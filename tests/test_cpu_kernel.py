@@ -631,22 +631,31 @@ def test_unavailable_message_names_the_build_command(monkeypatch):
 
 
 def test_first_misfit_in_cpp_and_python_agree(monkeypatch):
-    """The C++ check of grads (same dtype as the param) and of state (any floating dtype) and its
-    Python fallback (no extension, or torch.compile tracing) find the same first misfit."""
+    """The C++ checks of grads (their param's dtype) and of a bucket's state (the bucket's state
+    dtype) and step counts, and their Python fallbacks (no extension, or torch.compile tracing),
+    find the same first misfit."""
     p = [torch.zeros(3), torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(4)]
     cases = [
         [None, torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(4)],  # fits as grads
-        [torch.zeros(3), torch.zeros(2, 2), torch.zeros(4)],  # float32 state of a bf16 param
+        [torch.zeros(3), torch.zeros(2, 2), torch.zeros(4)],  # fits as float32 state
         [torch.zeros(3), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4)],  # shape
         [None, None, torch.zeros(4, dtype=torch.int32)],
         [torch.zeros(3).to_sparse(), None, None],  # layout
         [torch.zeros(3, dtype=torch.float64), None, torch.zeros(4, device="meta")],
     ]
+    steps = [
+        [torch.zeros(()), torch.zeros(1, dtype=torch.float64)],
+        [torch.zeros(()), torch.zeros(2)],
+        [torch.zeros((), dtype=torch.int64)],
+        [],
+    ]
     got = {}
     for have_c in (True, False):
         monkeypatch.setattr(_ops, "HAVE_C", have_c)
-        got[have_c] = [_ops.first_misfit(p, c, same) for c in cases for same in (True, False)]
-    assert got[True] == got[False] == [None, None, 1, None, 1, 1, 2, 2, 0, 0, 0, 2]
+        got[have_c] = [_ops.first_misfit(p, c, d) for c in cases for d in (None, torch.float32)]
+        got[have_c] += [_ops.first_bad_step(s) for s in steps]
+    want = [None, 1, 1, None, 1, 1, 2, 2, 0, 0, 0, 0] + [None, 1, 0, None]
+    assert got[True] == got[False] == want
 
 
 def test_rejects_bad_input_before_mutating():

@@ -215,6 +215,56 @@ def test_param_resized_in_one_of_two_buckets_mutates_nothing(backend, resized):
     _assert_same(ps, opt, snap)
 
 
+_WITH_TRITON = BACKENDS + (
+    ["triton"] if smes_fused.available_backends().get("triton") is None else []
+)
+
+
+@pytest.mark.parametrize(
+    "second", [{"amsgrad": True}, {"exponent": 0.0}, {"exponent": 0.5}], ids=str
+)
+@pytest.mark.parametrize("backend", _WITH_TRITON)
+def test_refusal_in_a_later_launch_of_one_bucket_mutates_nothing(backend, second):
+    """One bucket whose groups differ in state kind (amsgrad, p = 0) or variant (p): "cpu" applies
+    it in one launch per state kind and "triton" in one per variant, and each checked only what
+    it launched, so a param resized in the second group was refused after the first group had
+    been stepped. Every launch is checked before any now."""
+    torch.manual_seed(0)
+    a, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    opt = SMES([{"params": [a]}, {"params": [b], **second}], lr=0.1, exponent=-0.08,
+               backend=backend)  # fmt: skip
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    b.data = torch.randn(6)
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    snap = _params_and_state([a, b], opt)
+    with pytest.raises((ValueError, RuntimeError), match="shape"):
+        opt.step()
+    _assert_same([a, b], opt, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_of_another_dtype_in_a_later_bucket_mutates_nothing(backend):
+    """A float64 exp_avg_sq beside a float32 exp_avg (the fused kernels refuse it) in the second
+    of two buckets: refused before the first bucket is stepped ("cpu" stepped the float32 param
+    first), and a clipped step keeps the last grad_norm (the refused step had replaced it)."""
+    a = torch.nn.Parameter(torch.ones(5))
+    b = torch.nn.Parameter(torch.ones(3, 4, dtype=torch.bfloat16))
+    opt = SMES([a, b], lr=0.1, backend=backend, max_grad_norm=1.0)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    norm = opt.grad_norm
+    opt.state[b]["exp_avg_sq"] = opt.state[b]["exp_avg_sq"].double()
+    a.grad, b.grad = torch.full_like(a, 3.0), torch.full_like(b, 3.0)
+    snap = _params_and_state([a, b], opt)
+    with pytest.raises(ValueError, match="exp_avg_sq .* dtype torch.float64"):
+        opt.step()
+    _assert_same([a, b], opt, snap)
+    assert opt.grad_norm is norm
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_param_replaced_in_its_groups_list_is_the_one_stepped(backend):
     """``param_groups[0]["params"][i] = new`` (the same list, the same length): the next step
