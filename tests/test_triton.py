@@ -211,6 +211,24 @@ def test_found_inf_changes_nothing():
     _check_oracle(b, states, hypers, 4, "found_inf=0")
 
 
+def test_amsgrad_max_keeps_nan_as_torch_maximum():
+    """A NaN v makes max_exp_avg_sq NaN, as torch.maximum (AdamW) and the other backends do; the
+    kernel's tl.maximum dropped it (NaN-ignoring by default) and kept the old maximum."""
+    from smes_fused import SMES
+
+    g = torch.tensor([1e-3, float("nan"), float("inf"), -1e30, 0.0])
+    got = {}
+    for backend in ("reference", "triton"):
+        par = torch.nn.Parameter(torch.linspace(-1, 1, 5, device=DEV))
+        opt = SMES([par], exponent=-0.08, amsgrad=True, weight_decay=0.0, backend=backend)
+        for grad in (torch.ones(5), g):
+            par.grad = grad.to(DEV)
+            opt.step()
+        got[backend] = opt.state[par]["max_exp_avg_sq"].cpu()
+    assert got["triton"][1].isnan()
+    torch.testing.assert_close(got["triton"], got["reference"], equal_nan=True)
+
+
 @pytest.mark.parametrize("exponent", [-0.08, -0.3, 0.37])
 def test_zero_grads_never_nan(exponent):
     """v̂ = 0: p < 0 gives D = inf and an update of exactly 0; p > 0 gives D = eps."""

@@ -252,7 +252,7 @@ def _smes_moments(
     if TRACK_V:  # compile-time: removes v's load, update and store (SGD memory at p = 0)
         v = beta2 * v + one_minus_beta2 * g * g
         if AMSGRAD:  # compile-time: removes v_max's load, max and store
-            vmax = tl.maximum(vmax, v)
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)  # torch.maximum
             vhat = vmax
         else:
             vhat = v
