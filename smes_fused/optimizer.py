@@ -164,7 +164,7 @@ class SMES(Optimizer):
         differentiable: bool = False,
     ):
         for name, flag in (("foreach", foreach), ("fused", fused)):
-            if flag not in (None, True, False):
+            if not (flag is None or flag is True or flag is False):  # 1 == True: not `in`
                 raise TypeError(f"Invalid {name}: {flag!r}; expected None, True or False")
         if differentiable is not False:
             raise NotImplementedError(
@@ -300,6 +300,10 @@ class SMES(Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        if type(found_inf) is int and found_inf == 0:
+            # GradScaler's sum([]) over no devices: none of this optimizer's params had a grad
+            # (fused AdamW never reads it then)
+            found_inf = None
         grad_scale = functional.scalar_tensor("grad_scale", grad_scale)
         found_inf = functional.scalar_tensor("found_inf", found_inf)
         clip = self.max_grad_norm

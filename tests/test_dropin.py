@@ -87,6 +87,27 @@ def test_adamw_implementation_keywords_are_taken(kw):
         SMES(ps, differentiable=True)
     with pytest.raises(TypeError, match="fused"):
         SMES(ps, fused="yes")
+    for bad in (1, 0, 1.0):  # equal to True/False, but not what SPEC §5 accepts
+        with pytest.raises(TypeError, match="foreach"):
+            SMES(ps, foreach=bad)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_grad_scaler_step_without_grads_of_this_optimizer(max_grad_norm):
+    """GradScaler.step on an optimizer none of whose params got a gradient (a frozen or unused
+    sub-model, a second optimizer): the scaler sets ``found_inf`` to ``sum([])``, the int 0, and
+    fused AdamW takes the step (a no-op); SMES refused that int as a bad found_inf."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt, other = SMES([p], max_grad_norm=max_grad_norm), torch.optim.SGD([q], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale((q * 2).sum()).backward()
+    scaler.step(other)
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state
+    p.grad = torch.ones(3)  # and the next step with a grad runs
+    opt.step()
+    assert not torch.equal(p.detach(), torch.ones(3))
 
 
 def test_group_params_given_as_set_are_rejected():
