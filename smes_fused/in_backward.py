@@ -102,6 +102,21 @@ def _no_clipping(max_grad_norm) -> str:
     )
 
 
+# id(param) -> (weakref of the param, weakref of the SMES in backward whose hooks it carries):
+# attach() refuses a second owner (tensors compare elementwise, so no WeakKeyDictionary)
+_ATTACHED: dict[int, tuple] = {}
+
+
+def _owner(p: Tensor):
+    entry = _ATTACHED.get(id(p))
+    return entry[1]() if entry is not None and entry[0]() is p else None
+
+
+def _set_owner(p: Tensor, owner) -> None:
+    key = id(p)
+    _ATTACHED[key] = (weakref.ref(p, lambda _: _ATTACHED.pop(key, None)), weakref.ref(owner))
+
+
 def _hook(owner_ref, bucket: int, slot: int, param: Tensor) -> None:
     owner = owner_ref()
     if owner is not None:  # an optimizer that was dropped steps nothing
@@ -131,6 +146,14 @@ class InBackwardSMES(SMES):
     ) -> None:
         if max_grad_norm is not None:
             raise ValueError(_no_clipping(max_grad_norm))
+        if smes_kwargs.get("amp_unscale", "step") != "step":
+            raise ValueError(
+                f"amp_unscale={smes_kwargs['amp_unscale']!r} with SMES in backward: a "
+                "torch.amp.GradScaler cannot unscale gradients that backward has already stepped "
+                "and freed (its unscale_ finds none, and the iteration never ends); SMES in "
+                "backward refuses GradScaler with the reason at step(). Use bf16 autocast (no "
+                "loss scaling), or smes_fused.SMES"
+            )
         if (
             isinstance(bucket_size_bytes, bool)
             or not isinstance(bucket_size_bytes, numbers.Integral)
@@ -156,6 +179,16 @@ class InBackwardSMES(SMES):
     def _make_buckets(self) -> None:
         flat = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
         hooked = [(gi, p) for gi, p in reversed(flat) if p.requires_grad]
+        for _, p in hooked:  # before any hook is registered
+            if _owner(p) is not None:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} is attached to another SMES in "
+                    "backward, whose hooks would step it and free its gradient before this "
+                    "one saw it: call detach() on the other optimizer first"
+                )
+        for _, p in hooked:
+            _set_owner(p, self)
+        ref = weakref.ref(self)
         chunks: list[list[tuple[int, Tensor]]] = []
         size = 0
         for gi, p in hooked:
@@ -166,7 +199,6 @@ class InBackwardSMES(SMES):
             chunks[-1].append((gi, p))
             size += nbytes
         position = {id(p): k for k, (_, p) in enumerate(flat)}
-        ref = weakref.ref(self)
         for bi, chunk in enumerate(chunks):
             by_group: dict[int, list[Tensor]] = {}
             for gi, p in chunk:
@@ -207,6 +239,10 @@ class InBackwardSMES(SMES):
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
+            for b in self._buckets:
+                for p in b.params:
+                    if _owner(p) is self:
+                        del _ATTACHED[id(p)]
             self._unready()  # gradients already final stay for step()
 
     def __getstate__(self):
@@ -237,11 +273,16 @@ class InBackwardSMES(SMES):
                 # First hook of this backward: check every group before any bucket is stepped
                 # (an lr a scheduler made invalid fails here, with nothing changed), and step
                 # the buckets left incomplete when this backward ends.
-                if self.max_grad_norm is not None:  # set after attach()
-                    param.grad = None  # (this backward's: nothing is stepped on it)
-                    raise ValueError(_no_clipping(self.max_grad_norm))
-                for group in self.param_groups:
-                    _group_hyper(group)
+                try:
+                    if self.max_grad_norm is not None:  # set after attach()
+                        raise ValueError(_no_clipping(self.max_grad_norm))
+                    for group in self.param_groups:
+                        _group_hyper(group)
+                except Exception:
+                    # this backward's gradient is dropped, as for every refusal here: nothing
+                    # was stepped on it, and a later iteration must not add it to its own
+                    param.grad = None
+                    raise
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
                 self._queued = True
             b.ready[slot] = True

@@ -206,6 +206,50 @@ def test_a_refused_backward_leaves_the_optimizer_usable():
     _check_same(a, oa, b, ob)
 
 
+def test_a_backward_refused_for_a_bad_hyperparameter_drops_its_gradient():
+    """An lr made invalid after attach: the backward is refused with nothing stepped and its
+    gradient dropped (it stayed in .grad and the next iteration trained on twice its gradient),
+    so once the lr is fixed the iterations equal SMES's."""
+    a, oa, b, ob = _pair("cpu", 0)
+    for g in oa.param_groups:
+        g["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        _loss(a, 0).backward()
+    assert all(p.grad is None for p in a.parameters()) and not oa.state
+    for g in oa.param_groups:
+        g["lr"] = 1e-2
+    for t in (1, 2):
+        for net, opt in ((a, oa), (b, ob)):
+            _loss(net, t).backward()
+            opt.step()
+            opt.zero_grad()
+    _check_same(a, oa, b, ob)
+
+
+def test_a_second_attach_to_the_same_params_is_refused_until_detach():
+    """attach() to parameters another SMES in backward still hooks: refused (the first one's
+    hooks stepped the parameters and freed their gradients, so the second never stepped and
+    silently ignored its state and settings). After detach(), or once the first is dropped,
+    attach works."""
+    model = Net()
+    first = attach(model, lr=1e-2, backend="cpu")
+    with pytest.raises(RuntimeError, match="attached to another SMES in backward"):
+        attach(model, lr=1e-3, backend="cpu")
+    first.detach()
+    second = attach(model, lr=1e-3, backend="cpu")
+    _loss(model, 0).backward()
+    second.step()
+    assert float(second.state[model.out.weight]["step"]) == 1 and not first.state
+    del second
+    import gc
+
+    gc.collect()
+    third = attach(model, lr=1e-3, backend="cpu")  # the dropped one steps nothing
+    _loss(model, 1).backward()
+    third.step()
+    assert float(third.state[model.out.weight]["step"]) == 1
+
+
 def test_backwards_over_disjoint_params_of_one_bucket():
     """Two losses over disjoint parameters, each backward once, then step(): one SMES step of
     every parameter, whatever the bucket size (with both in one bucket, the first backward's
@@ -243,6 +287,8 @@ def test_what_it_cannot_do_raises_with_the_reason():
         attach(Net(), max_grad_norm=1.0)
     with pytest.raises(ValueError, match="bucket_size_bytes"):
         attach(Net(), -1)
+    with pytest.raises(ValueError, match="amp_unscale='scaler'"):  # GradScaler's unscale_ would
+        attach(Net(), amp_unscale="scaler")  # find no grads and the iteration never end
     opt = attach(Net(), backend="cpu")
     with pytest.raises(RuntimeError, match="GradScaler"):
         opt.step(grad_scale=torch.ones(()), found_inf=torch.zeros(()))
