@@ -152,6 +152,30 @@ def test_sgdp(backend, kind):
     )
 
 
+def test_projection_of_dense_non_contiguous_params(backend):
+    """projection=True on a channels_last conv weight and a transposed matrix (dense, not
+    contiguous): the projection walks rows, so these go per tensor, with the results of the
+    reference (Triton relaunched them in its fast path, which refused them on every step)."""
+    gen = torch.Generator().manual_seed(3)
+    conv = torch.randn(4, 3, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+    tr = torch.randn(5, 7, generator=gen).t()
+    out = {}
+    for name in ("reference", backend):
+        ps = [conv.clone(memory_format=torch.preserve_format).requires_grad_(),
+              tr.clone(memory_format=torch.preserve_format).requires_grad_()]  # fmt: skip
+        opt = SMES(ps, lr=1e-2, weight_decay=0.1, projection=True, backend=name)
+        g = torch.Generator().manual_seed(4)
+        for t in range(3):
+            for i, p in enumerate(ps):
+                kind = ("channel", "layer", "radial")[(i + t) % 3]
+                p.grad = torch.empty_like(p).copy_(_grad(p.detach(), kind, g))  # p's layout
+            opt.step()
+        out[name] = [p.detach() for p in ps]
+    assert not out[backend][0].is_contiguous() and not out[backend][1].is_contiguous()
+    for x, y in zip(out[backend], out["reference"]):
+        assert_close(x, y)
+
+
 def test_sgdp_projects_its_momentum_buffer():
     """What the copy above changes, shown: adamp.SGDP's stored momentum is the projected one. A
     radial gradient (no projection) then an orthogonal one (projected): the buffer is not

@@ -18,8 +18,12 @@ class LayoutError(RuntimeError):
     raised before anything is written; the backend applies such tensors per tensor instead."""
 
 
-def walkable(p: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether the kernel can walk ``p`` and its grad/state tensors (None entries skipped)."""
+def walkable(p: torch.Tensor, *others: torch.Tensor | None, projection: bool = False) -> bool:
+    """Whether the kernel can walk ``p`` and its grad/state tensors (None entries skipped); with
+    ``projection`` (a variant that projects), a param of dim > 1 must also be contiguous: the
+    projection walks rows (check_static's LayoutError)."""
+    if projection and p.dim() > 1 and not p.is_contiguous():
+        return False
     return dense(p) and all(x is None or (dense(x) and same_layout(x, p)) for x in others)
 
 

@@ -146,8 +146,9 @@ class TritonBackend:
         )
 
     def _split(self, _k, b: Bucket, variant, grad_scale, found_inf) -> None:
+        proj = getattr(variant, "projection", False)
         ok = [
-            _k.smes_checks.walkable(*t)
+            _k.smes_checks.walkable(*t, projection=proj)
             for t in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs)
         ]
         fast = [i for i, x in enumerate(ok) if x]
