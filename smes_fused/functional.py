@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -40,12 +41,28 @@ def check_backend_name(backend) -> None:
 
 
 def _real(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, Tensor):
+        raise TypeError(
+            f"Invalid {name}: {x!r}; a tensor is taken for lr only: pass a Python float"
+        )
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # numpy reals are Real
         raise TypeError(f"Invalid {name}: {x!r}; expected a real number")
     x = float(x)
     if not math.isfinite(x):
         raise ValueError(f"Invalid {name}: {x}; expected a finite number")
     return x
+
+
+# The group keys that hold numbers (betas: a pair of them).
+NUMBER_KEYS = ("lr", "eps", "weight_decay", "exponent", "projection_delta", "projection_wd_ratio",
+               "rounding_seed")  # fmt: skip
+
+
+def plain_number(x):
+    """A numpy scalar as the Python number it equals (anything else unchanged): the groups
+    SMES makes hold Python numbers, so that a checkpoint loads with
+    ``torch.load(weights_only=True)``, which refuses numpy types."""
+    return x.item() if isinstance(x, numbers.Number) and type(x).__module__ == "numpy" else x
 
 
 def check_hyper(
@@ -124,13 +141,12 @@ def check_hyper(
         raise ValueError(f"Invalid projection_wd_ratio: {ratio}; expected projection_wd_ratio >= 0")
     if (
         isinstance(rounding_seed, bool)
-        or not isinstance(rounding_seed, int)
+        or not isinstance(rounding_seed, numbers.Integral)
         or not 0 <= rounding_seed < 2**32
     ):
         raise ValueError(
             f"Invalid rounding_seed: {rounding_seed!r} ({type(rounding_seed).__name__}); "
-            "expected a Python int in [0, 2**32) (for a numpy integer, int(x): a checkpoint "
-            "stores the group's value, and torch.load(weights_only=True) refuses numpy types)"
+            "expected an integer in [0, 2**32)"
         )
     if second_moment not in ("ema", "sum"):
         raise ValueError(

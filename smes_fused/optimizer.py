@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 from collections import OrderedDict
@@ -90,9 +91,9 @@ class SMES(Optimizer):
         betas: (β1, β2). Default (0.9, 0.999).
         eps: ε added to the denominator. Default 1e-8; must be > 0 when p > 0.
         weight_decay: λ. Default 1e-2 (as AdamW).
-        exponent: the balance coefficient p. Default 0.5 (AdamW).
+        amsgrad: use the running maximum of v (AdamW's sixth positional argument).
+        exponent: the balance coefficient p (keyword only). Default 0.5 (AdamW).
         decoupled_weight_decay: AdamW-style decay (default) or L2 added to the gradient.
-        amsgrad: use the running maximum of v.
         maximize: maximize the objective.
         bias_correction: divide by 1 − β^t. Default True.
         track_second_moment: keep ``exp_avg_sq`` even at p = 0 (needed to change p later, e.g.
@@ -140,10 +141,10 @@ class SMES(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        exponent: float = 0.5,
+        amsgrad: bool = False,  # AdamW's positional order
         *,
+        exponent: float = 0.5,
         decoupled_weight_decay: bool = True,
-        amsgrad: bool = False,
         maximize: bool = False,
         bias_correction: bool = True,
         track_second_moment: bool | None = None,
@@ -174,7 +175,7 @@ class SMES(Optimizer):
             )
         functional.check_backend_name(backend)
         _check_max_grad_norm(max_grad_norm)
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = functional.plain_number(max_grad_norm)
         self.grad_norm: Tensor | None = None
         if amp_unscale not in ("step", "scaler"):
             raise ValueError(f"Invalid amp_unscale: {amp_unscale!r}; expected 'step' or 'scaler'")
@@ -255,6 +256,10 @@ class SMES(Optimizer):
         group["params"] = params = list(params)
         for k, v in self.defaults.items():
             group.setdefault(k, v)
+        for k in functional.NUMBER_KEYS:  # numpy scalars taken, kept as Python numbers
+            group[k] = functional.plain_number(group[k])
+        if isinstance(group["betas"], (tuple, list)):
+            group["betas"] = type(group["betas"])(map(functional.plain_number, group["betas"]))
         if group["track_second_moment"] is None:
             group["track_second_moment"] = group["exponent"] != 0
         _group_hyper(group)
@@ -510,12 +515,10 @@ class SMES(Optimizer):
 def _check_max_grad_norm(x) -> None:
     if x is None:
         return
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0:
         raise ValueError(
-            f"Invalid max_grad_norm: {x!r} ({type(x).__name__}); expected None or a Python "
-            "int or float > 0 (inf: compute the norm without clipping; for a numpy number, "
-            "float(x): state_dict() stores it, and torch.load(weights_only=True) refuses numpy "
-            "types)"
+            f"Invalid max_grad_norm: {x!r} ({type(x).__name__}); expected None or a real "
+            "number > 0 (inf: compute the norm without clipping)"
         )
 
 

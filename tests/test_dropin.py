@@ -110,6 +110,35 @@ def test_grad_scaler_step_without_grads_of_this_optimizer(max_grad_norm):
     assert not torch.equal(p.detach(), torch.ones(3))
 
 
+def test_adamw_positional_arguments_and_numpy_numbers():
+    """AdamW's positional order (params, lr, betas, eps, weight_decay, amsgrad): the sixth is
+    amsgrad (it was the exponent, so True failed as one); numpy numbers are taken as AdamW takes
+    them (np.float32 was refused, np.float64 taken) and the groups SMES makes hold Python
+    numbers, so that the checkpoint loads with torch.load(weights_only=True)."""
+    import io
+
+    import numpy as np
+
+    ps = list(_net().parameters())
+    opt = SMES(ps, 1e-3, (0.9, 0.999), 1e-8, 1e-2, True)
+    assert opt.param_groups[0]["amsgrad"] is True and opt.param_groups[0]["exponent"] == 0.5
+    opt = SMES(ps, lr=np.float32(1e-3), betas=(np.float64(0.9), np.float32(0.999)),
+               eps=np.float64(1e-8), weight_decay=np.float32(0.01), exponent=np.float32(-0.08),
+               max_grad_norm=np.float32(1.0))  # fmt: skip
+    g = opt.param_groups[0]
+    for k in ("lr", "eps", "weight_decay", "exponent"):
+        assert type(g[k]) is float, k
+    assert all(type(b) is float for b in g["betas"]) and type(opt.max_grad_norm) is float
+    _grads(ps, 0)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    with pytest.raises(TypeError, match="tensor is taken for lr only"):
+        SMES(ps, betas=(torch.tensor(0.9), 0.999))
+
+
 def test_group_params_given_as_set_are_rejected():
     with pytest.raises(TypeError, match="not a set"):
         SMES([{"params": set(_net().parameters())}])
