@@ -24,7 +24,7 @@ from torch import nn
 
 from smes_fused import SMES, lr_for_exponent
 
-from .argtypes import finite_float, out_dir, positive_int
+from .argtypes import backend_name, finite_float, out_dir, positive_float, positive_int
 
 MODES = ("float32", "bf16 nearest", "bf16 stochastic")
 
@@ -72,9 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--exponents", nargs="+", type=finite_float, default=[0.5, -0.08])
     ap.add_argument("--seeds", type=positive_int, default=3)
     ap.add_argument("--steps", type=positive_int, default=600)
-    ap.add_argument("--adamw-lr", type=float, default=1e-3,
+    ap.add_argument("--adamw-lr", type=positive_float, default=1e-3,
                     help="lr at p = 0.5; other p get lr_for_exponent(p, adamw_lr)")  # fmt: skip
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--backend", type=backend_name, default="auto")
     ap.add_argument("--out", default=os.path.join("runs", "bf16_rounding"))
     args = ap.parse_args(argv)
     out_dir(ap, args.out)

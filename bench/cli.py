@@ -32,8 +32,16 @@ import time
 import torch
 
 from . import report
+from .argtypes import (
+    backend_name,
+    distinct,
+    finite_float,
+    non_negative_int,
+    out_dir,
+    positive_float,
+    positive_int,
+)
 from .argtypes import device as pick_device
-from .argtypes import finite_float, non_negative_int, out_dir, positive_float, positive_int
 from .competitors import smes_backends
 from .env import environment
 from .roofline import roofline
@@ -107,6 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--backends",
         nargs="+",
+        type=backend_name,
         metavar="NAME",
         help="SMES backends (default: every one usable on the device, except reference)",
     )
@@ -164,6 +173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--state-dtype float32 is for bf16 params: it needs --dtype bfloat16 "
                     "(float32 params have float32 state already)")  # fmt: skip
     args.device = pick_device(p, args.device)
+    for flag in ("sets", "exponents", "backends"):
+        distinct(p, f"--{flag}", getattr(args, flag))
     out_dir(p, args.out)
     return args
 

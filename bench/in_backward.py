@@ -41,8 +41,15 @@ from torch import nn
 import smes_fused
 from smes_fused.in_backward import attach
 
+from .argtypes import (
+    backend_name,
+    file_part,
+    finite_float,
+    non_negative_float,
+    out_dir,
+    positive_int,
+)
 from .argtypes import device as pick_device
-from .argtypes import out_dir, positive_int
 from .env import environment
 from .shapes import _block
 
@@ -142,24 +149,27 @@ def rise_during(fn, device: torch.device) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.in_backward",
                                  description=__doc__.split("\n\n")[0])  # fmt: skip
-    ap.add_argument("--models", nargs="+", default=["mlp", "transformer"])
+    ap.add_argument("--models", nargs="+", choices=("mlp", "transformer"),
+                    default=["mlp", "transformer"])  # fmt: skip
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--backend", default="auto", help="SMES backend (default: auto)")
-    ap.add_argument("--exponent", type=float, default=-0.08)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--bucket-mb", type=float, nargs="+", default=[0.0, 4.0, 25.0],
+    ap.add_argument("--backend", type=backend_name, default="auto",
+                    help="SMES backend (default: auto)")  # fmt: skip
+    ap.add_argument("--exponent", type=finite_float, default=-0.08)
+    ap.add_argument("--lr", type=non_negative_float, default=1e-3)
+    ap.add_argument("--bucket-mb", type=non_negative_float, nargs="+", default=[0.0, 4.0, 25.0],
                     help="in-backward bucket sizes, MiB (0: one parameter per bucket)")  # fmt: skip
-    ap.add_argument("--width", type=int, default=1024, help="mlp width")
-    ap.add_argument("--depth", type=int, default=6, help="mlp hidden layers")
-    ap.add_argument("--d-model", type=int, default=384, help="transformer width")
-    ap.add_argument("--layers", type=int, default=4, help="transformer blocks")
-    ap.add_argument("--seq", type=int, default=32, help="transformer sequence length")
-    ap.add_argument("--batch", type=int, default=8, help="mlp batch; transformer: sequences")
+    ap.add_argument("--width", type=positive_int, default=1024, help="mlp width")
+    ap.add_argument("--depth", type=positive_int, default=6, help="mlp hidden layers")
+    ap.add_argument("--d-model", type=positive_int, default=384, help="transformer width")
+    ap.add_argument("--layers", type=positive_int, default=4, help="transformer blocks")
+    ap.add_argument("--seq", type=positive_int, default=32, help="transformer sequence length")
+    ap.add_argument("--batch", type=positive_int, default=8,
+                    help="mlp batch; transformer: sequences")  # fmt: skip
     ap.add_argument("--steps", type=positive_int, default=5, help="timed rounds")
     ap.add_argument("--out", default=os.path.join("runs", "in_backward"),
                     help="directory for the CSV (default runs/in_backward/, git-ignored; "
                     "--out results for the committed one)")  # fmt: skip
-    ap.add_argument("--suffix", default="", help="appended to the CSV name: in_backward_cpu_X")
+    ap.add_argument("--suffix", type=file_part, help="appended to the CSV name: in_backward_cpu_X")
     args = ap.parse_args(argv)
     device = pick_device(ap, args.device)
     args.device = device.type

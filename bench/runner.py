@@ -191,7 +191,10 @@ def _rows(
     rows = []
     for r, t in zip(ready, times, strict=True):
         median = statistics.median(t)
-        q1, _, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (median,) * 3
+        # inclusive: within the data (the default extrapolates: negative q1 at 2 repeats)
+        q1, _, q3 = (
+            statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (median,) * 3
+        )
         gbps = r.spec.bytes_per_param * n / median
         # Per-round ratios of side-by-side steps, then their median.
         speedup = (

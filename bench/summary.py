@@ -16,6 +16,10 @@ import math
 from collections.abc import Sequence
 
 BASELINE = "AdamW fused"
+# the columns the table and its header read
+NEEDED = ("competitor", "shape_set", "exponent", "speedup_vs_fused_adamw", "ms_per_step",
+          "pct_of_roofline", "n_params", "n_tensors", "command", "git_commit", "device_name",
+          "threads")  # fmt: skip
 
 
 def _num(x: str) -> float:
@@ -66,16 +70,25 @@ def main(argv=None) -> None:
             rows = list(csv.DictReader(f))
     except OSError as e:
         ap.error(f"cannot read {args.csv}: {e.strerror}")
+    except (UnicodeDecodeError, csv.Error) as e:
+        ap.error(f"{args.csv} is not a CSV ({type(e).__name__})")
     if not rows or "competitor" not in rows[0]:
         ap.error(f"{args.csv} has no rows written by python -m bench")
+    missing = [c for c in NEEDED if c not in rows[0]]
+    if missing:
+        ap.error(f"{args.csv} lacks the column(s) {', '.join(missing)} of python -m bench")
     r = rows[0]
     where = (
         f"{r['command']}, commit {r['git_commit']}, {r['device_name']}, {r['threads']} threads, "
         f"CPU kernel sets: SMES {r.get('smes_cpu_isa', '?')}, "
         f"torch {r.get('torch_cpu_capability', '?')}"
     )
+    try:
+        table = markdown(rows, args.backend)  # before anything is printed
+    except ValueError as e:
+        ap.error(f"{args.csv}: a value that is not a number ({e})")
     print(f"<!-- python -m bench.summary {args.csv}: {where} -->")
-    print(markdown(rows, args.backend))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -149,12 +149,16 @@ def test_projection_run_counts_two_passes_for_matrices(tmp_path):
     assert bytes_per_param(0.5, projected=1.0) == 40 and bytes_per_param(0.0, projected=1.0) == 28
     assert bytes_per_param(-0.08, projected=0.5) == 34
     cmd = [sys.executable, "-m", "bench", "--device", "cpu", "--projection", "--sets", "vgg16",
-           "--exponents", "0.5", "--repeats", "1", "--warmup", "0", "--backends", "cpu",
+           "--exponents", "0.5", "--repeats", "2", "--warmup", "0", "--backends", "cpu",
            "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "bench_cpu_projection.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["competitor"] == "SMES cpu"]
+        every = list(csv.DictReader(f))
+    # quartiles within the timings (at 2 repeats the default method put q1 below 0)
+    for r in every:
+        assert 0 < float(r["ms_q1"]) <= float(r["ms_per_step"]) <= float(r["ms_q3"]), r
+    rows = [r for r in every if r["competitor"] == "SMES cpu"]
     assert rows and all(r["projection"] == "True" for r in rows)
     assert all(36 < float(r["bytes_per_param"]) <= 40 for r in rows)  # mostly matrices
 
@@ -236,6 +240,17 @@ def test_stochastic_rounding_run_beside_round_to_nearest(tmp_path):
         ("bench.compute_floor", ["--elements", "0"], "--elements: must be at least 1"),
         ("bench.bf16_rounding", ["--seeds", "0"], "--seeds: must be at least 1"),
         ("bench.summary", ["no_such.csv"], "cannot read no_such.csv"),
+        ("bench", ["--backends", "bogus"], "--backends: unknown backend 'bogus'"),
+        ("bench", ["--sets", "large", "large"], "--sets: a value is given more than once"),
+        ("bench", ["--out", os.path.join(ROOT, "README.md", "sub")], "cannot make the folder"),
+        ("bench.in_backward", ["--models", "mlp", "foo"], "--models: invalid choice: 'foo'"),
+        ("bench.in_backward", ["--bucket-mb", "-1"], "--bucket-mb: must be a finite number"),
+        ("bench.in_backward", ["--backend", "bogus"], "--backend: unknown backend"),
+        ("bench.in_backward", ["--suffix", "a/b"], "--suffix: must be a plain name"),
+        ("bench.in_backward", ["--width", "0"], "--width: must be at least 1"),
+        ("bench.bf16_rounding", ["--adamw-lr", "-1"], "--adamw-lr: must be > 0"),
+        ("bench.bf16_rounding", ["--backend", "bogus"], "--backend: unknown backend"),
+        ("bench.summary", [os.path.join(ROOT, "results", "bench_cpu.png")], "is not a CSV"),
     ],
 )
 def test_bad_flags_are_usage_errors(module, flags, words, capsys):
@@ -278,3 +293,26 @@ def test_bf16_only_flags_need_bf16_params(flags, capsys):
         cli.parse_args(["--dtype", "float32", *flags])
     assert e.value.code == 2
     assert "needs --dtype bfloat16" in capsys.readouterr().err
+
+
+def test_summary_of_a_csv_without_a_needed_column_is_a_usage_error(tmp_path, capsys):
+    """A CSV with a column of the table missing, or a value that is not a number: a usage
+    error naming it, nothing printed to stdout (they were tracebacks: KeyError, ValueError)."""
+    from bench import summary
+
+    with open(os.path.join(ROOT, "results", "bench_cpu.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    for drop, bad in (("command", None), (None, "ms_per_step")):
+        fields = [k for k in rows[0] if k != drop]
+        path = tmp_path / f"cut_{drop}_{bad}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, bad: "abc"} if bad else r)
+        with pytest.raises(SystemExit) as e:
+            summary.main([str(path)])
+        assert e.value.code == 2
+        out = capsys.readouterr()
+        words = "lacks the column(s) command" if drop else "not a number"
+        assert out.out == "" and words in out.err
