@@ -164,9 +164,6 @@ class SMES(Optimizer):
         fused: bool | None = None,
         differentiable: bool = False,
     ):
-        for name, flag in (("foreach", foreach), ("fused", fused)):
-            if not (flag is None or flag is True or flag is False):  # 1 == True: not `in`
-                raise TypeError(f"Invalid {name}: {flag!r}; expected None, True or False")
         if differentiable is not False:
             raise NotImplementedError(
                 f"differentiable={differentiable!r}: SMES's step is not differentiable (torch's "
@@ -608,8 +605,23 @@ def _check_state(p: Tensor, state: dict) -> None:
             )
 
 
+_FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize", "bias_correction", "capturable")
+
+
 def _group_hyper(group: dict):
-    """The validated hyperparameters of one param group, as the backends read them."""
+    """The validated hyperparameters of one param group, as the backends read them (at
+    construction, on load_state_dict and on every step)."""
+    for name in _FLAGS:
+        if not isinstance(group[name], bool):  # "no" or None read as a truth value
+            raise TypeError(f"Invalid {name}: {group[name]!r}; expected True or False")
+    for name in ("foreach", "fused"):  # AdamW's, kept for it
+        flag = group.get(name)
+        if not (flag is None or flag is True or flag is False):  # 1 == True: not `in`
+            raise TypeError(f"Invalid {name}: {flag!r}; expected None, True or False")
+    if group.get("differentiable", False) is not False:
+        raise NotImplementedError(
+            f"differentiable={group['differentiable']!r}: SMES's step is not differentiable"
+        )
     sd = group["state_dtype"]
     if not (sd is None or sd == "param" or (isinstance(sd, torch.dtype) and sd.is_floating_point)):
         raise ValueError(

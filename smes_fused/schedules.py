@@ -78,6 +78,8 @@ class ExponentScheduler:
     (``last_epoch``) for one group. See the module docstring for the shared behaviour.
     """
 
+    _COUNTS: dict[str, int] = {}  # a subclass's integer settings and their least values
+
     def __init__(self, optimizer, start=None, end=None, last_epoch: int = -1) -> None:
         from .optimizer import SMES
 
@@ -142,11 +144,18 @@ class ExponentScheduler:
         order of this call and the optimizer's ``load_state_dict`` does not matter. A state that
         does not fit this optimizer (another group count, endpoints a group cannot take) raises
         before anything changes."""
-        need = ("last_epoch", "start_exponents", "end_exponents", "_last_exponent")
-        if not isinstance(state_dict, dict) or any(k not in state_dict for k in need):
+        need = sorted(self.state_dict())
+        if not isinstance(state_dict, dict) or sorted(state_dict) != need:
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(
-                f"not a {type(self).__name__} state dict: expected a dict with the keys {need}"
+                f"not a {type(self).__name__} state dict: expected a dict with the keys {need}, "
+                f"got {got}"
             )
+        last = state_dict["last_epoch"]
+        if isinstance(last, bool) or not isinstance(last, numbers.Integral) or last < -1:
+            raise ValueError(f"Invalid last_epoch: {last!r}; expected an integer >= -1")
+        for k, least in self._COUNTS.items():  # total_steps, period: as the constructor checks
+            _count(k, state_dict[k], least)
         n = len(self.optimizer.param_groups)
         for k in ("start_exponents", "end_exponents", "_last_exponent"):
             if len(state_dict[k]) != n:
@@ -223,6 +232,8 @@ class LinearExponent(ExponentScheduler):
     p: ``LinearExponent(opt, start=0.5, end=-0.08, total_steps=500)``.
     """
 
+    _COUNTS = {"total_steps": 1}
+
     def __init__(self, optimizer, start=None, end=None, total_steps: int = 1, last_epoch=-1):
         self.total_steps = _count("total_steps", total_steps, 1)
         super().__init__(optimizer, start, end, last_epoch)
@@ -244,6 +255,8 @@ class CosineExponent(ExponentScheduler):
     exactly ``start`` at t = 0 and ``end`` from t = N on (unlike ``CosineAnnealingLR``, it
     does not swing back after N).
     """
+
+    _COUNTS = {"total_steps": 1}
 
     def __init__(self, optimizer, start=None, end=None, total_steps: int = 1, last_epoch=-1):
         self.total_steps = _count("total_steps", total_steps, 1)
@@ -268,6 +281,8 @@ class CyclicExponent(ExponentScheduler):
     exactly ``start`` where u = 0 and ``end`` where u = 1 (t = T/2 mod T, for an even T). The
     cyclic schedule of the authors' follow-up; ``CyclicLR(mode="triangular")`` for p.
     """
+
+    _COUNTS = {"period": 2}
 
     def __init__(self, optimizer, start=None, end=None, period: int = 2, last_epoch=-1):
         self.period = _count("period", period, 2)

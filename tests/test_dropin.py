@@ -139,6 +139,26 @@ def test_adamw_positional_arguments_and_numpy_numbers():
         SMES(ps, betas=(torch.tensor(0.9), 0.999))
 
 
+@pytest.mark.parametrize(
+    "key, value, exc",
+    [("amsgrad", "no", TypeError), ("maximize", None, TypeError), ("capturable", "yes", TypeError),
+     ("foreach", "x", TypeError), ("differentiable", True, NotImplementedError)],
+)  # fmt: skip
+def test_loaded_group_flags_are_checked_as_the_constructor_checks_them(key, value, exc):
+    """A state dict whose group holds a flag the constructor refuses: refused by
+    load_state_dict with nothing changed (it was loaded, "no" read as True)."""
+    ps, opt = _trained("cpu")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0][key] = value
+    snap = _params_and_state(ps, opt)
+    with pytest.raises(exc, match=key):
+        opt.load_state_dict(sd)
+    _assert_same(ps, opt, snap)
+    assert opt.param_groups[0][key] == snap[1]["param_groups"][0][key]
+    with pytest.raises(exc, match=key):
+        SMES(ps, **{key: value})
+
+
 def test_group_params_given_as_set_are_rejected():
     with pytest.raises(TypeError, match="not a set"):
         SMES([{"params": set(_net().parameters())}])

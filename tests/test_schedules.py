@@ -157,6 +157,36 @@ def test_state_dict_with_a_non_finite_current_exponent_is_rejected():
     assert [g["exponent"] for g in opt.param_groups] == before
 
 
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (dict(last_epoch="3"), "Invalid last_epoch"),
+        (dict(last_epoch=-7), "Invalid last_epoch"),
+        (dict(last_epoch=2.5), "Invalid last_epoch"),
+        (dict(total_steps=0), "Invalid total_steps"),
+        (dict(total_steps="x"), "Invalid total_steps"),
+        ("cyclic", "not a LinearExponent state dict"),
+    ],
+    ids=str,
+)
+def test_state_dict_that_does_not_fit_is_rejected_with_nothing_changed(edit, words):
+    """A bad last_epoch or total_steps, or another schedule's state: refused as the constructor
+    refuses them, the schedule and the groups unchanged (they were loaded, and the next step()
+    raised a TypeError or ran a schedule mixed from two)."""
+    opt = _two_groups()
+    sched = LinearExponent(opt, start=0.5, end=0.1, total_steps=10)
+    sched.step()
+    if edit == "cyclic":
+        sd = CyclicExponent(_two_groups(), start=0.5, end=0.1, period=4).state_dict()
+    else:
+        sd = {**sched.state_dict(), **edit}
+    before = dict(sched.state_dict()), [g["exponent"] for g in opt.param_groups]
+    with pytest.raises(ValueError, match=words):
+        sched.load_state_dict(sd)
+    assert (sched.state_dict(), [g["exponent"] for g in opt.param_groups]) == before
+    sched.step()
+
+
 def test_next_to_an_lr_scheduler_each_sets_its_own_key():
     """StepLR and a cosine exponent on one optimizer, against the same run with both values set
     by hand each step."""
