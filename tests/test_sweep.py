@@ -145,14 +145,24 @@ def test_quick_sweep_writes_csv_and_plots(tmp_path, capsys):
         (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
         (["--seeds", "0,0"], "--seeds has repeated values"),  # duplicate rows
         (["--exponents", "nan"], "exponents must be finite"),
+        (["--model", "mlp", "--mlp-depth", "0"], "an MLP needs --mlp-depth >= 2"),
+        (["--model", "mlp", "--mlp-width", "0"], "--mlp-width >= 1"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs must be >= 0"),
+        (["--backend", "bogus"], "unknown --backend 'bogus'"),
+        (["--batch-size", "-5"], "--batch-size must be >= 0"),  # ran as full batch
+        (["--jobs", "0"], "--jobs must be >= 1"),  # ran as 1 job
+        (["--tag", "a/b"], "--tag must be a plain name"),  # failed after training
+        (["--out", "FILE/sub"], "cannot make the folder"),  # failed after training
     ],
 )
 def test_bad_settings_are_refused_before_any_run(flags, words, tmp_path, capsys):
     from smes_fused.sweep.cli import main
 
-    assert main(["--out", str(tmp_path), *flags]) == 2
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
+    assert main(["--out", str(tmp_path / "out"), *flags]) == 2
     assert words in capsys.readouterr().err
-    assert not os.listdir(tmp_path)
+    assert os.listdir(tmp_path) == ["FILE"]
 
 
 def test_a_file_with_nothing_to_write_is_removed_not_left_stale(tmp_path):

@@ -358,13 +358,42 @@ def problem(cfg: Config, train_size: int | None) -> str | None:
         return f"--weight-decay must be >= 0 and finite: {cfg.weight_decay}"
     if train_size is not None and train_size < 1:
         return f"--train-size must be >= 1, got {train_size}"
+    if cfg.batch_size < 0:
+        return f"--batch-size must be >= 0 (0: full batch), got {cfg.batch_size}"
+    if not 0 <= cfg.warmup_epochs < math.inf:
+        return f"--warmup-epochs must be >= 0 and finite, got {cfg.warmup_epochs}"
+    if cfg.model == "mlp" and (cfg.mlp_depth < 2 or cfg.mlp_width < 1):
+        return f"an MLP needs --mlp-depth >= 2 and --mlp-width >= 1, got {cfg.mlp_depth}, " \
+            f"{cfg.mlp_width}"
+    from ..backends import NAMES
+
+    if cfg.backend not in ("auto", *NAMES):
+        return f"unknown --backend {cfg.backend!r}; expected one of {', '.join(('auto', *NAMES))}"
+    return None
+
+
+def out_problem(out: str, tag: str, jobs: int) -> str | None:
+    """What is wrong with where the results go and the job count, or None (checked before the
+    data is loaded: a folder under a file, or a tag with a folder in it, failed after training)."""
+    if jobs < 1:
+        return f"--jobs must be >= 1, got {jobs}"
+    if not tag or os.sep in tag or tag in (".", ".."):
+        return f"--tag must be a plain name without {os.sep!r}, got {tag!r}"
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out}: exists and is not a folder"
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        return f"--out {out}: cannot make the folder ({e.strerror})"
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, train_size, jobs, tag = resolve(args)
-    why = problem(cfg, args.train_size)
+    why = problem(cfg, args.train_size) or (
+        None if args.replot else out_problem(args.out, tag, args.jobs)
+    )
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
