@@ -224,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     if config.clip is not None:
         print(
             f"clipped steps, max norm {config.clip:g}: AdamW after clip_grad_norm_(foreach=True) "
-            "(40 B/param), SMES with max_grad_norm (32 B/param)"
+            "(40 B per float32 parameter), SMES with max_grad_norm (32; the B/param column "
+            "gives this run's)"
         )
     if config.stochastic_rounding:
         print("stochastic rounding: 'SMES <backend> SR' is each backend with "
               "stochastic_rounding=True, beside its round-to-nearest step")  # fmt: skip
     if config.projection:
-        print("SMES with projection=True (AdamP/SGDP): 40 B per float32 parameter (28 at p = 0)")
+        print("SMES with projection=True (AdamP/SGDP): 40 B per float32 parameter in tensors of "
+              "dim > 1 (28 at p = 0; the B/param column gives this run's)")  # fmt: skip
     for b, why in considered.items():
         if why is not None:
             print(f"SMES {b}: not benchmarked: {why}")

@@ -30,6 +30,7 @@ import argparse
 import csv
 import dataclasses
 import glob
+import math
 import os
 import shutil
 import subprocess
@@ -96,8 +97,8 @@ def _budget(text: str) -> tuple[str, float]:
         seconds = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError("a budget cannot be negative")
+    if not (math.isfinite(seconds) and seconds >= 0):  # nan passed `< 0`
+        raise argparse.ArgumentTypeError(f"a budget is a finite number >= 0, got {value!r}")
     return name, seconds
 
 
@@ -127,8 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--one-step", choices=GPU_BACKENDS, help=argparse.SUPPRESS)  # sanitizer job
     args = p.parse_args(argv)
-    if args.total <= 0:
-        p.error("--total must be positive")
+    if not (math.isfinite(args.total) and args.total > 0):
+        p.error(f"--total must be a finite number > 0, got {args.total}")
     if args.no_build and "build" not in args.skip:
         args.skip.append("build")
     args.budgets = {**BUDGETS, **dict(args.budget)}
