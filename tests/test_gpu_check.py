@@ -21,8 +21,14 @@ def test_args_and_budgets():
     assert a.budgets["tests"] == 30 and a.budgets["bench"] == G.BUDGETS["bench"]
     assert set(a.skip) == {"sanitizer", "build"}
     assert sum(G.BUDGETS.values()) <= G.TOTAL <= 480  # the 8 minutes of the issue
-    bads = (["--budget", "nope=3"], ["--budget", "tests=-1"], ["--budget", "tests=x"],
-            ["--budget", "bench=nan"], ["--total", "nan"], ["--total", "inf"])  # nan passed
+    bads = (
+        ["--budget", "nope=3"],
+        ["--budget", "tests=-1"],
+        ["--budget", "tests=x"],
+        ["--budget", "bench=nan"],
+        ["--total", "nan"],
+        ["--total", "inf"],
+    )  # nan passed
     for bad in bads:
         with pytest.raises(SystemExit):
             G.parse_args(["--out", "x", *bad])
