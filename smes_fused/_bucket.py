@@ -152,10 +152,9 @@ class Bucket:
         same shape and device as the param, strided, the bucket's state dtype (exp_avg_sq and
         max_exp_avg_sq that of exp_avg, as the fused kernels require), and a 1-element floating
         step. ``functional.apply`` calls it for every bucket of a step before it steps any (a
-        backend may launch a bucket in parts: per state kind, per variant), and the reference
-        and foreach backends for their own. Without it a param resized through ``.data`` failed
-        half-way through a step with a broadcast error, and an integer state was truncated to
-        0."""
+        backend may launch a bucket in parts: per state kind, per variant). Without it a param
+        resized through ``.data`` failed half-way through a step with a broadcast error, and an
+        integer state was truncated to 0."""
         from . import _ops
 
         names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")

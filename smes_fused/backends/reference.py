@@ -144,7 +144,7 @@ class ReferenceBackend:
         return unfit_state_dtype(key)
 
     def __call__(self, bucket: Bucket, *, grad_scale=None, found_inf=None) -> None:
-        bucket.check_state()
+        # (functional.apply checked the bucket's state before stepping any bucket)
         if found_inf is not None and found_inf.item() != 0:
             return
         torch._foreach_add_(bucket.steps, 1)
