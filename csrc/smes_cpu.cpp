@@ -25,7 +25,8 @@ namespace cpu {
 namespace {
 
 // The widest instruction set this CPU runs, or the one SMES_CPU_ISA names (avx512, avx2, base),
-// capped at what the CPU supports.
+// capped at what the CPU supports; any other value is an error (a typo would otherwise run the
+// widest set unnoticed). Read on every call, before a step changes anything.
 const Kernels& pick_kernels() {
   static const Kernels k512 = kernels_avx512(), k2 = kernels_avx2(), kb = kernels_base();
   static const bool can2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -38,6 +39,8 @@ const Kernels& pick_kernels() {
   if (want != nullptr && *want != '\0') {
     if (std::strcmp(want, "base") == 0) return kb;
     if (std::strcmp(want, "avx2") == 0) return can2 ? k2 : kb;
+    TORCH_CHECK(std::strcmp(want, "avx512") == 0, "smes_fused: SMES_CPU_ISA='", want,
+                "' is not a CPU kernel set; use avx512, avx2 or base, or unset it");
   }
   return can512 ? k512 : (can2 ? k2 : kb);
 }
@@ -250,6 +253,7 @@ void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const
     total += j.numel;
   }
   t_starts[n] = total;
+  const Kernels& k = pick_kernels();
   // Everything is valid: advance the step counts (serially: no chunk reads them after this).
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& st = steps[i];
@@ -259,7 +263,6 @@ void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const
       *st.data_ptr<double>() = t_steps[i];
     }
   }
-  const Kernels& k = pick_kernels();
   run(k, false, total);
   run_projected(k, t_pstarts.back());
 }
@@ -679,7 +682,9 @@ TORCH_LIBRARY_IMPL(smes_fused, CPU, m) {
 // The Python module smes_fused._C: importing it registers the ops above. It also tells which
 // CPU kernel set runs (`cpu_isa()`), for the benchmarks and the tests.
 static PyObject* smes_cpu_isa(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
   return PyUnicode_FromString(smes::cpu::pick_kernels().isa);
+  END_HANDLE_TH_ERRORS
 }
 // sr_noise_lanes of the kernel set in use: a list of 3 W noise values (tests only)
 static PyObject* smes_sr_noise_lanes(PyObject*, PyObject* args) {
@@ -687,10 +692,12 @@ static PyObject* smes_sr_noise_lanes(PyObject*, PyObject* args) {
   long long index;
   if (!PyArg_ParseTuple(args, "IL", &key, &index)) return nullptr;
   uint32_t out[48];
+  HANDLE_TH_ERRORS
   const int n = smes::cpu::pick_kernels().sr_noise_lanes(key, index, out);
   PyObject* list = PyList_New(n);
   for (int i = 0; i < n; ++i) PyList_SET_ITEM(list, i, PyLong_FromUnsignedLong(out[i]));
   return list;
+  END_HANDLE_TH_ERRORS
 }
 static PyObject* smes_has_cuda(PyObject*, PyObject*) {
 #ifdef SMES_WITH_CUDA

@@ -153,6 +153,32 @@ def test_every_instruction_set(monkeypatch, isa, p):
     monkeypatch.delenv("SMES_CPU_ISA")
 
 
+def test_unknown_instruction_set(monkeypatch):
+    """SMES_CPU_ISA names a kernel set or is an error that names it, raised before the step
+    changes anything (a typo used to run the widest set unnoticed); "avx512" is capped at what
+    the CPU runs."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(100))
+    opt = smes_fused.SMES([p], lr=1e-2, exponent=0.37, backend="cpu")
+    p.grad = torch.randn(100)
+    opt.step()
+    p.grad = torch.randn(100)
+    before = [p.detach().clone()] + [t.clone() for t in opt.state[p].values()]
+    for typo in ("avx", "AVX2", "sse2"):
+        monkeypatch.setenv("SMES_CPU_ISA", typo)
+        with pytest.raises(RuntimeError, match=f"SMES_CPU_ISA='{typo}' is not a CPU kernel set"):
+            _ops.cpu_isa()
+        with pytest.raises(RuntimeError, match=f"SMES_CPU_ISA='{typo}'"):
+            opt.step()
+        after = [p.detach()] + list(opt.state[p].values())
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    monkeypatch.setenv("SMES_CPU_ISA", "avx512")
+    assert _ops.cpu_isa() in ISAS
+    opt.step()
+    assert not torch.equal(p.detach(), before[0])
+    monkeypatch.delenv("SMES_CPU_ISA")
+
+
 def test_grad_scale():
     gs = torch.tensor(1024.0)
     for p in (0.5, -0.08):
