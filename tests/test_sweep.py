@@ -133,6 +133,25 @@ def test_quick_sweep_writes_csv_and_plots(tmp_path, capsys):
     assert (tmp_path / "sweep_layers.png").stat().st_size > 0
     assert "test acc" in capsys.readouterr().out
     assert sweep.main(["--replot", "--out", str(tmp_path / "empty")]) == 2
+    # a CSV that is not the sweep's: a clear error, not a KeyError from the plotting code
+    capsys.readouterr()
+    for name, text, words in [
+        ("blank", "", "has no rows"),
+        ("other", "a,b\n1,2\n", "is not a sweep's results CSV (no column p, lr, seed"),
+        ("binary", b"\xff\xfe\x00".decode("latin-1"), "is not a CSV file"),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.csv").write_text(text, encoding="latin-1")
+        assert sweep.main(["--replot", "--out", str(tmp_path / name)]) == 2
+        assert words in capsys.readouterr().err
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    (tmp_path / "text").mkdir()
+    head = rows[0].split(",")
+    bad = rows[1].split(",")
+    bad[head.index("seed")] = "x"
+    (tmp_path / "text" / "sweep.csv").write_text("\n".join([rows[0], ",".join(bad)]) + "\n")
+    assert sweep.main(["--replot", "--out", str(tmp_path / "text")]) == 2
+    assert "row 2: seed not a number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import math
 import os
@@ -12,7 +13,15 @@ from dataclasses import replace
 
 from .data import DataError, data_kind, load_data
 from .model import INITS, MODELS
-from .output import paired_rows, paired_table, plot_all, read_csv, summary_table, write_csv
+from .output import (
+    csv_problem,
+    paired_rows,
+    paired_table,
+    plot_all,
+    read_csv,
+    summary_table,
+    write_csv,
+)
 from .parallel import run_grid
 from .training import Config, select_lr
 
@@ -312,7 +321,15 @@ def replot(stem: str) -> int:
     if not os.path.isfile(stem + ".csv"):
         print(f"error: --replot needs {stem}.csv (run the sweep first)", file=sys.stderr)
         return 2
-    rows = read_csv(stem + ".csv")
+    try:
+        rows = read_csv(stem + ".csv")
+    except (UnicodeDecodeError, csv.Error) as e:
+        print(f"error: {stem}.csv is not a CSV file ({e})", file=sys.stderr)
+        return 2
+    bad = csv_problem(rows, stem + ".csv")
+    if bad is not None:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     runs = read_csv(stem + "_runs.csv") if os.path.isfile(stem + "_runs.csv") else None
     write_csv(stem + "_paired.csv", paired_rows(rows))
     plot_all(rows, stem)
@@ -363,8 +380,10 @@ def problem(cfg: Config, train_size: int | None) -> str | None:
     if not 0 <= cfg.warmup_epochs < math.inf:
         return f"--warmup-epochs must be >= 0 and finite, got {cfg.warmup_epochs}"
     if cfg.model == "mlp" and (cfg.mlp_depth < 2 or cfg.mlp_width < 1):
-        return f"an MLP needs --mlp-depth >= 2 and --mlp-width >= 1, got {cfg.mlp_depth}, " \
+        return (
+            f"an MLP needs --mlp-depth >= 2 and --mlp-width >= 1, got {cfg.mlp_depth}, "
             f"{cfg.mlp_width}"
+        )
     from ..backends import NAMES
 
     if cfg.backend not in ("auto", *NAMES):

@@ -424,6 +424,29 @@ def plot_all(rows: list[dict], stem: str) -> list[str]:
     return [stem + "_accuracy.png", stem + "_layers.png"]
 
 
+# The columns of every sweep row (training.train_one's summary) that the tables and figures read,
+# besides their kind's (_IMAGE_COLUMNS or _WILSON_COLUMNS) and the per-layer "ratio_" ones.
+_ROW_COLUMNS = ("p", "lr", "seed", "data", "diverged", "val_acc", "val_loss")
+
+
+def csv_problem(rows: list[dict], path: str) -> str | None:
+    """What makes ``rows`` (read from ``path`` by :func:`read_csv`) unusable for the sweep's
+    tables and figures, or None."""
+    if not rows:
+        return f"{path} has no rows"
+    cols = _WILSON_COLUMNS if is_wilson(rows) else _IMAGE_COLUMNS
+    missing = [c for c in (*_ROW_COLUMNS, *(c[0] for c in cols)) if c not in rows[0]]
+    if not any(k.startswith("ratio_") for k in rows[0]):
+        missing.append("ratio_<layer>")
+    if missing:
+        return f"{path} is not a sweep's results CSV (no column {', '.join(missing)})"
+    for i, r in enumerate(rows):
+        bad = [k for k in ("p", "lr", "seed") if not isinstance(r[k], (int, float))]
+        if bad:
+            return f"{path}, row {i + 2}: {', '.join(bad)} not a number"
+    return None
+
+
 def read_csv(path: str) -> list[dict]:
     """Rows written by :func:`write_csv`, numbers parsed back."""
 
