@@ -186,10 +186,16 @@ struct VecMath {
   // - pow_general, for any v (0, denormal, inf, NaN) and any finite p: denormals normalised, the
   //   exponent rounded by vroundps after the log2, 2^n as two factors (so that a denormal or
   //   overflowing result rounds once, as scalef does), and v = 0, inf and NaN blended in.
-  // The chains' latency counts as much as their instructions (GCC runs the K vectors of a block
-  // one after another; the out-of-order core overlaps them as far as its window reaches), so the
-  // fast path takes the shortest exp2 polynomial the error budget allows: degree 3 for
-  // |p| <= 1/2, 4 above (measured: 4-10% of the general-p step).
+  // The chains' latency counts as much as their instructions (the out-of-order core overlaps
+  // the chains of different vectors only as far as its window reaches), so the fast path takes
+  // the shortest exp2 polynomial the error budget allows: degree 3 for |p| <= 1/2, 4 above
+  // (measured: 4-10% of the general-p step), and runs two vectors in lockstep (each operation
+  // on both in turn, so that two independent chains sit next to each other in the instruction
+  // stream; GCC keeps the source order): `python -m bench.compute_floor --exponents 0.5 0 0.37
+  // -0.08 --repeats 15` from two builds alternately, 16 rounds (Zen 3 EPYC, `avx2`), median
+  // ratio of general p to p = 0.5 2.00 -> 1.92 (p = 0.37) and 2.01 -> 1.94 (p = -0.08) against
+  // one vector after another; four in lockstep, or three, were slower than two in a scratch
+  // harness (spills), so 16-bit params' blocks of four run as two lockstep pairs.
   //
   // Tables, for k = 0..7 (python: c = 1 + (k + .5) / 8; kRcp8[k] = float32(1 / c);
   // kLog8[k] = float32(-log2(kRcp8[k]) - k / 8); kExp8[k] = float32(2 ** (k / 8))):
@@ -224,19 +230,20 @@ struct VecMath {
   template <class T>
   SMES_CPU_INLINE T quot(T m, T d) { return m / d; }
 
-  // te 2^f = te + (te f) q(f), q of degree 2 (D4 = false) or 3
-  template <bool D4>
-  SMES_CPU_INLINE __m256 exp2_poly(__m256 te, __m256 f) {
-    __m256 q;
+  // te 2^f = te + (te f) q(f), q of degree 2 (D4 = false) or 3. Here and in log2_parts and
+  // pow_fast, K vectors in lockstep (each operation on all K in turn; see above).
+  template <bool D4, int K>
+  SMES_CPU_INLINE void exp2_poly(const __m256* te, const __m256* f, __m256* r) {
+    __m256 q[K];
     if (D4) {
-      q = fma(f, _mm256_set1_ps(kD4), kD3);
-      q = fma(f, q, kD2);
-      q = fma(f, q, kD1);
+      for (int k = 0; k < K; ++k) q[k] = fma(f[k], _mm256_set1_ps(kD4), kD3);
+      for (int k = 0; k < K; ++k) q[k] = fma(f[k], q[k], kD2);
+      for (int k = 0; k < K; ++k) q[k] = fma(f[k], q[k], kD1);
     } else {
-      q = fma(f, _mm256_set1_ps(kE3), kE2);
-      q = fma(f, q, kE1);
+      for (int k = 0; k < K; ++k) q[k] = fma(f[k], _mm256_set1_ps(kE3), kE2);
+      for (int k = 0; k < K; ++k) q[k] = fma(f[k], q[k], kE1);
     }
-    return fma(_mm256_mul_ps(te, f), q, te);
+    for (int k = 0; k < K; ++k) r[k] = fma(_mm256_mul_ps(te[k], f[k]), q[k], te[k]);
   }
 
   // The power function's per-tensor constants (computed once per segment: KScalars below).
@@ -307,34 +314,42 @@ struct VecMath {
   // reads -22..0): y = b >> 20 = 8 E + k (an exact integer) and t = p (log2(mant) - k / 8 - kMid),
   // log2(mant) - k / 8 = kLog8[k] + log2(1 + f), f = mant kRcp8[k] - 1 (|f| < 0.0589, one
   // rounding), with p folded into the table and the coefficients.
-  SMES_CPU_INLINE void log2_parts(__m256i b, const PowConsts& c, __m256& y, __m256& t) {
-    const __m256 sh = flt(_mm256_srai_epi32(b, 20));
-    y = _mm256_cvtepi32_ps(bits(sh));
-    const __m256 mant = flt(_mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x007fffff)),
-                                            _mm256_set1_epi32(0x3f800000)));
-    const __m256 f = _mm256_fmsub_ps(mant, lookup(_mm256_load_ps(kRcp8), sh), _mm256_set1_ps(1.0f));
-    __m256 q = fma(f, _mm256_set1_ps(c.l3), c.l2);
-    q = fma(f, q, c.l1);
-    t = fma(f, q, lookup(c.tab, sh));
+  template <int K>
+  SMES_CPU_INLINE void log2_parts(const __m256i* b, const PowConsts& c, __m256* y, __m256* t) {
+    __m256 sh[K], f[K], q[K];
+    for (int k = 0; k < K; ++k) sh[k] = flt(_mm256_srai_epi32(b[k], 20));
+    for (int k = 0; k < K; ++k) y[k] = _mm256_cvtepi32_ps(bits(sh[k]));
+    for (int k = 0; k < K; ++k) {
+      const __m256 mant = flt(_mm256_or_si256(_mm256_and_si256(b[k], _mm256_set1_epi32(0x007fffff)),
+                                              _mm256_set1_epi32(0x3f800000)));
+      f[k] = _mm256_fmsub_ps(mant, lookup(_mm256_load_ps(kRcp8), sh[k]), _mm256_set1_ps(1.0f));
+    }
+    for (int k = 0; k < K; ++k) q[k] = fma(f[k], _mm256_set1_ps(c.l3), c.l2);
+    for (int k = 0; k < K; ++k) q[k] = fma(f[k], q[k], c.l1);
+    for (int k = 0; k < K; ++k) t[k] = fma(f[k], q[k], lookup(c.tab, sh[k]));
   }
   // all ones where v is out of the fast path's range
   SMES_CPU_INLINE __m256i out_of_range(__m256 v, const PowConsts& c) {
     return _mm256_cmpgt_epi32(_mm256_add_epi32(bits(v), _mm256_set1_epi32((int32_t)c.off)),
                               _mm256_set1_epi32((int32_t)c.lim));
   }
-  template <bool D4>
-  SMES_CPU_INLINE __m256 pow_fast(__m256 v, const PowConsts& c) {
-    __m256 y, t;
-    log2_parts(bits(v), c, y, t);
+  template <bool D4, int K>
+  SMES_CPU_INLINE void pow_fast(const __m256* v, const PowConsts& c, __m256* r) {
+    __m256i b[K];
+    __m256 y[K], t[K], rm[K], fr[K], te[K];
+    for (int k = 0; k < K; ++k) b[k] = bits(v[k]);
+    log2_parts<K>(b, c, y, t);
     // rm from y alone; p/8 y - (rm - magic) from one FMA (exact: its result is at most 1/16)
     const __m256 magic = _mm256_set1_ps(c.magic);
-    const __m256 rm = fma(c.p8, y, magic);
-    const __m256 fr = _mm256_add_ps(fma(c.p8, y, _mm256_sub_ps(magic, rm)), t);
+    for (int k = 0; k < K; ++k) rm[k] = fma(c.p8, y[k], magic);
+    for (int k = 0; k < K; ++k)
+      fr[k] = _mm256_add_ps(fma(c.p8, y[k], _mm256_sub_ps(magic, rm[k])), t[k]);
     // 2^(n + k/8 + lo): rm's bits << 20 are n << 23 plus k << 20 (1.5 2^20's own bits shift
     // out), which exp_tab has taken off
-    const __m256 te = flt(_mm256_add_epi32(bits(lookup(c.exp_tab, rm)),
-                                           _mm256_slli_epi32(bits(rm), 20)));
-    return exp2_poly<D4>(te, fr);
+    for (int k = 0; k < K; ++k)
+      te[k] = flt(_mm256_add_epi32(bits(lookup(c.exp_tab, rm[k])),
+                                   _mm256_slli_epi32(bits(rm[k]), 20)));
+    exp2_poly<D4, K>(te, fr, r);
   }
   // Any v, any finite p: R rounded to a multiple of 1/8 (n + k/8) by vroundps and clamped to
   // [-160, 130], where 2^R rounds to 0 or overflows; the fraction fr = p/8 y + (hi - n - k/8) +
@@ -347,8 +362,9 @@ struct VecMath {
     const __m256i scaled = _mm256_sub_epi32(bits(_mm256_cvtepi32_ps(b)),
                                             _mm256_set1_epi32(149 << 23));
     const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), b);
+    const __m256i bn = bits(_mm256_blendv_ps(v, flt(scaled), flt(tiny)));
     __m256 y, t;
-    log2_parts(bits(_mm256_blendv_ps(v, flt(scaled), flt(tiny))), c, y, t);
+    log2_parts<1>(&bn, c, &y, &t);
     const __m256 hi = _mm256_set1_ps(c.hi);
     t = _mm256_add_ps(t, _mm256_set1_ps(c.lo));
     __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_add_ps(fma(c.p8, y, t), hi),
@@ -363,7 +379,8 @@ struct VecMath {
     const __m256i n = _mm256_srai_epi32(n8, 3);  // [-160, 130]: n1, n2 >= -80
     const __m256i n1 = _mm256_srai_epi32(n, 1), n2 = _mm256_sub_epi32(n, n1);
     const __m256i bias = _mm256_set1_epi32(127);
-    r = exp2_poly<true>(lookup(_mm256_load_ps(kExp8), flt(n8)), fr);
+    const __m256 te = lookup(_mm256_load_ps(kExp8), flt(n8));
+    exp2_poly<true, 1>(&te, &fr, &r);
     r = _mm256_mul_ps(r, flt(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23)));
     r = _mm256_mul_ps(r, flt(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23)));
     // v = 0, inf, NaN (and any negative v, which v never is): v itself for p > 0; for p < 0 the
@@ -397,12 +414,18 @@ struct VecMath {
   template <int K, class S>
   SMES_CPU_INLINE Block<K> pow_hat(const Block<K>& v, const S& s) {
     const PowConsts& c = s.pow;
-    Block<K> r;
-    if (c.d4) {
-      for (int i = 0; i < K; ++i) r.x[i] = (V)pow_fast<true>((__m256)v.x[i], c);
-    } else {
-      for (int i = 0; i < K; ++i) r.x[i] = (V)pow_fast<false>((__m256)v.x[i], c);
+    __m256 vk[K], rk[K];
+    for (int i = 0; i < K; ++i) vk[i] = (__m256)v.x[i];
+    constexpr int L = K % 2 == 0 ? 2 : 1;  // lockstep pairs (four at once spill)
+    for (int i = 0; i < K; i += L) {
+      if (c.d4) {
+        pow_fast<true, L>(vk + i, c, rk + i);
+      } else {
+        pow_fast<false, L>(vk + i, c, rk + i);
+      }
     }
+    Block<K> r;
+    for (int i = 0; i < K; ++i) r.x[i] = (V)rk[i];
     __m256i any = out_of_range((__m256)v.x[0], c);
     for (int i = 1; i < K; ++i) any = _mm256_or_si256(any, out_of_range((__m256)v.x[i], c));
     if (__builtin_expect(!c.ok || !_mm256_testz_si256(any, any), 0)) pow_fixup(v, r, c);
