@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 import smes_fused
+from smes_fused._bucket import BucketKey
+from smes_fused.backends import resolve
 from smes_fused.in_backward import attach
 
 from .argtypes import (
@@ -173,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     device = pick_device(ap, args.device)
     args.device = device.type
+    # the backend that runs the models' float32 params: "auto" is recorded as what it resolves to
+    try:
+        args.backend = resolve(args.backend, BucketKey(device, torch.float32, torch.float32)).name
+    except RuntimeError as e:
+        ap.error(f"--backend: {e}")
     out_dir(ap, args.out)
     env = environment(device)
     env["command"] = " ".join(["python -m bench.in_backward", *(argv or sys.argv[1:])])

@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 from torch.testing import assert_close
 
-from smes_fused import SMES, CosineExponent, depth_param_groups
+from smes_fused import SMES, CosineExponent, _ops, depth_param_groups
 from smes_fused.in_backward import InBackwardSMES, attach
 
 use_triton_interpreter()
@@ -377,6 +377,10 @@ def test_bench_script_runs_and_shows_the_saving(tmp_path, capsys):
     assert tuple(rows[0]) == bench.COLUMNS
     usual, inb = rows
     assert usual["mode"] == "usual" and inb["mode"] == "in_backward"
+    # the backend that ran, not "auto" (the README quotes it)
+    want = "cpu" if _ops.HAVE_C else "foreach"
+    assert usual["backend"] == inb["backend"] == want
+    assert f"SMES backend {want}," in out
     grads = int(usual["grad_bytes"])  # 4 layers of 256x256 + biases
     assert int(usual["rise_bytes"]) >= grads  # every gradient lives at the end of backward
     assert int(inb["rise_bytes"]) < grads / 2  # about one layer's at a time
