@@ -69,11 +69,25 @@ def main(argv=None) -> None:
     per_call = measure(args.elements, args.exponents, 200, args.repeats)
     print(f"CPU kernel set: {_ops.cpu_isa()}; 1 thread; {args.elements} elements per call; "
           f"fixed cost per call {overhead * 1e6:.1f} us (subtracted)")  # fmt: skip
-    base = (per_call[0.5] - overhead) if 0.5 in per_call else None
+    print("\n".join(report(per_call, overhead, args.elements)))
+
+
+def report(per_call: dict[float, float], overhead: float, n: int) -> list[str]:
+    """One line per exponent: ns per element with the fixed cost per call taken off, and the
+    ratio to p = 0.5; a call no longer than the fixed cost (load, or too few elements) is said
+    to be unmeasurable rather than given a cost of zero or less."""
+    ns = {e: (t - overhead) / n * 1e9 for e, t in per_call.items() if t > overhead}
+    lines = []
     for e, t in per_call.items():
-        ns = (t - overhead) / args.elements * 1e9
-        rel = f"  ({ns / (base / args.elements * 1e9):.2f}x p = 0.5)" if base else ""
-        print(f"p = {e:g}: {ns:.3f} ns/element{rel}")
+        if e not in ns:
+            lines.append(
+                f"p = {e:g}: not measurable: the call ({t * 1e6:.1f} us) took no longer than the "
+                f"fixed cost ({overhead * 1e6:.1f} us); use more --elements or an idle machine"
+            )
+            continue
+        rel = f"  ({ns[e] / ns[0.5]:.2f}x p = 0.5)" if 0.5 in ns else ""
+        lines.append(f"p = {e:g}: {ns[e]:.3f} ns/element{rel}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -80,6 +80,20 @@ def test_compute_floor_runs(capsys):
     assert "p = 0.5:" in out and "p = 0.37:" in out and "ns/element" in out
 
 
+def test_compute_floor_report_never_prints_a_negative_cost():
+    from bench.compute_floor import report
+
+    us = 1e-6
+    assert report({0.5: 30 * us, 0.37: 50 * us}, 10 * us, 10**4) == [
+        "p = 0.5: 2.000 ns/element  (1.00x p = 0.5)",
+        "p = 0.37: 4.000 ns/element  (2.00x p = 0.5)",
+    ]
+    # under load the fixed cost (measured apart) can exceed a whole call: no negative costs
+    out = report({0.5: 9 * us, 0.37: 50 * us}, 10 * us, 10**4)
+    assert out[0].startswith("p = 0.5: not measurable: the call (9.0 us) took no longer")
+    assert out[1] == "p = 0.37: 4.000 ns/element"  # no ratio to an unmeasured p = 0.5
+
+
 def test_summary_table_from_csv_rows():
     from bench import summary
 
