@@ -424,9 +424,10 @@ def plot_all(rows: list[dict], stem: str) -> list[str]:
     return [stem + "_accuracy.png", stem + "_layers.png"]
 
 
-# The columns of every sweep row (training.train_one's summary) that the tables and figures read,
-# besides their kind's (_IMAGE_COLUMNS or _WILSON_COLUMNS) and the per-layer "ratio_" ones.
-_ROW_COLUMNS = ("p", "lr", "seed", "data", "diverged", "val_acc", "val_loss")
+# The columns of a sweep row (training.train_one's summary) that the tables and figures read,
+# besides their kind's (_IMAGE_COLUMNS or _WILSON_COLUMNS, by the "data" column) and the per-layer
+# "ratio_" ones.
+_ROW_COLUMNS = ("p", "lr", "seed")
 
 
 def csv_problem(rows: list[dict], path: str) -> str | None:
