@@ -180,7 +180,7 @@ class SMES(Optimizer):
         self.amp_unscale = amp_unscale
         defaults = dict(
             lr=lr,
-            betas=betas,
+            betas=tuple(betas) if isinstance(betas, list) else betas,  # as torch's Adam(W)
             eps=eps,
             weight_decay=weight_decay,
             exponent=exponent,
@@ -665,6 +665,18 @@ class _Plan:
 
     def __init__(self, opt: SMES, hypers: list, grads: list) -> None:
         groups = opt.param_groups
+        # add_param_group refuses a param twice; param_groups edited by hand are checked here
+        seen: dict[int, tuple[int, int]] = {}
+        for gi, group in enumerate(groups):
+            for i, p in enumerate(group["params"]):
+                where = seen.setdefault(id(p), (gi, i))
+                if where != (gi, i):
+                    raise ValueError(
+                        f"the same parameter (shape {tuple(p.shape)}) is in param group "
+                        f"{where[0]} at position {where[1]} and in param group {gi} at position "
+                        f"{i}: each parameter must be in the param groups once (a parameter "
+                        "updated twice per step would be a data race in the fused kernels)"
+                    )
         functional.check_grads([p for group in groups for p in group["params"]], grads)
         todo = []  # (flat index, param, group index, state dtype)
         keys: set[BucketKey] = set()

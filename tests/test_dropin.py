@@ -445,6 +445,41 @@ def test_same_parameter_twice_in_a_group_is_rejected():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["again in its group", "in another group", "replacing another"])
+def test_same_parameter_twice_by_editing_param_groups_is_rejected(backend, how):
+    """param_groups edited by hand after construction: a param there twice is refused at the
+    step, which changes nothing (it was taken: "cpu" updated the moments twice and the step count
+    once, and with 2 threads raced on the elements)."""
+    ps = list(_net().parameters())
+    opt = SMES([{"params": ps[:2]}, {"params": ps[2:]}], backend=backend)
+    _grads(ps, 0)
+    opt.step()
+    _grads(ps, 1)
+    if how == "again in its group":
+        opt.param_groups[0]["params"].append(ps[0])
+    elif how == "in another group":
+        opt.param_groups[1]["params"].append(ps[0])
+    else:
+        opt.param_groups[1]["params"][0] = ps[0]
+    params = [p.detach().clone() for p in ps]
+    state = [{k: t.clone() for k, t in opt.state[p].items()} for p in ps]
+    where = "0 at position 2" if how == "again in its group" else "1 at position"
+    with pytest.raises(ValueError, match=rf"parameter \(shape \(3, 4\)\) is in param group 0 at "
+                       rf"position 0 and in param group {where}"):  # fmt: skip
+        opt.step()
+    for p, b, st in zip(ps, params, state, strict=True):
+        assert torch.equal(p.detach(), b)
+        assert opt.state[p].keys() == st.keys()
+        assert all(torch.equal(opt.state[p][k], t) for k, t in st.items())
+
+
+def test_betas_given_as_a_list_are_kept_as_a_tuple_as_adamw_does():
+    w = torch.zeros(2, requires_grad=True)
+    assert SMES([w], betas=[0.9, 0.99]).param_groups[0]["betas"] == (0.9, 0.99)
+    assert torch.optim.AdamW([w], betas=[0.9, 0.99]).param_groups[0]["betas"] == (0.9, 0.99)
+
+
 # 9 ---------------------------------------------------------------- load-state-dict pre-hooks
 
 
