@@ -377,6 +377,17 @@ def smes(
     )
     grad_scale = scalar_tensor("grad_scale", grad_scale)
     found_inf = scalar_tensor("found_inf", found_inf)
+    seen: dict[int, str] = {}
+    for name, xs in zip(("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+                        (params, *lists[1:])):  # fmt: skip
+        for i, t in enumerate(xs):
+            where = seen.setdefault(id(t), f"{name}[{i}]") if t is not None else None
+            if where is not None and where != f"{name}[{i}]":
+                raise ValueError(
+                    f"{where} and {name}[{i}] are the same tensor: every param and state tensor "
+                    "must be a tensor of its own (one updated twice per step would be a data "
+                    "race in the fused kernels)"
+                )
     for i in range(n):
         if grads[i] is None:
             raise ValueError(f"grads[{i}] is None; pass only the tensors that have gradients")

@@ -326,6 +326,36 @@ def test_functional_rejects_bad_state_before_mutating(backend, bad):
     assert all(s.item() == 0 for s in steps) and all(t.abs().sum() == 0 for t in m + v)
 
 
+@pytest.mark.parametrize(
+    "where, words",
+    [
+        ("params", r"params\[0\] and params\[1\]"),
+        ("exp_avgs", r"exp_avgs\[0\] and exp_avgs\[1\]"),
+        ("state_steps", r"state_steps\[0\] and state_steps\[1\]"),
+        ("v is m", r"exp_avgs\[0\] and exp_avg_sqs\[0\]"),
+    ],
+)
+def test_functional_rejects_a_tensor_given_twice_before_mutating(where, words):
+    """The same tensor twice (in a list or in two roles) would be updated twice per step, a data
+    race in the fused kernels: refused with nothing written (it was taken)."""
+    a, b = torch.randn(5), torch.randn(5)
+    m, v = [torch.zeros(5), torch.zeros(5)], [torch.zeros(5), torch.zeros(5)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    params = [a, b]
+    if where == "params":
+        params = [a, a]
+    elif where == "exp_avgs":
+        m = [m[0], m[0]]
+    elif where == "state_steps":
+        steps = [steps[0], steps[0]]
+    else:
+        v = [m[0], v[1]]
+    snap = [t.clone() for t in (a, b, *m, *v, *steps)]
+    with pytest.raises(ValueError, match=words + " are the same tensor"):
+        functional.smes(params, [torch.ones(5), torch.ones(5)], m, v, [], steps)
+    assert all(torch.equal(x, y) for x, y in zip((a, b, *m, *v, *steps), snap, strict=True))
+
+
 def test_functional_takes_an_empty_max_exp_avg_sqs_as_adamw_does():
     params = [torch.ones(3)]
     functional.smes(params, [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [],
