@@ -233,8 +233,12 @@ void step_bucket(const Seq& params, const Seq& grads, const Seq& exp_avgs, const
         [](double a, double b) { return std::pow(a, b); },
         [](double a) { return std::sqrt(a); }, [](double a) { return std::log2(a); },
         h[kProjWdRatio]);
-    // Rectification before rho_t > 5: this step is the p = 0 rule (v is still updated).
-    if (!j.s.adaptive) j.code = (j.code & ~kPClassMask) | P_ZERO;
+    // Rectification before rho_t > 5: this step is u = m-hat (the p = 0 rule with d0 = 1, as
+    // RAdam; v is still updated).
+    if (!j.s.adaptive) {
+      j.code = (j.code & ~kPClassMask) | P_ZERO;
+      j.s.d0 = 1.f;
+    }
     j.sr = (flags & kFlagSR) && pdt == BF16;
     j.sr_key = j.sr ? sr_key((uint32_t)h[kRoundingSeed], (uint32_t)step) : 0u;
     t_starts[i] = total;

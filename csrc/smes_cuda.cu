@@ -256,13 +256,15 @@ __global__ void __launch_bounds__(kThreads)
 
   const float inv_scale = grad_scale != nullptr ? 1.f / *grad_scale : 1.f;
   const double lr = read_lr(ta);
-  const Scalars s = make_scalars(lr, ta.beta1, ta.beta2, ta.eps, ta.exponent, ta.weight_decay,
-                                 ta.flags, static_cast<double>(*ta.step), inv_scale, DoublePow(),
-                                 DoubleSqrt(), DoubleLog2(), ta.proj_wd_ratio);
-  // Rectification before rho_t > 5 (SPEC §4): this step is the p = 0 rule, v still updated.
-  if (PC != P_ZERO && !s.adaptive)
+  Scalars s = make_scalars(lr, ta.beta1, ta.beta2, ta.eps, ta.exponent, ta.weight_decay,
+                           ta.flags, static_cast<double>(*ta.step), inv_scale, DoublePow(),
+                           DoubleSqrt(), DoubleLog2(), ta.proj_wd_ratio);
+  // Rectification before rho_t > 5 (SPEC §4): this step is u = m-hat (the p = 0 rule with d0 = 1,
+  // as RAdam), v still updated.
+  if (PC != P_ZERO && !s.adaptive) {
+    s.d0 = 1.f;
     apply_chunk<P, S, P_ZERO, TV, AMS, L2, PHASE>(ta, base, n, s, buf);
-  else
+  } else
     apply_chunk<P, S, PC, TV, AMS, L2, PHASE>(ta, base, n, s, buf);
 }
 

@@ -92,15 +92,17 @@ struct Scalars {
   float bc2_pow;       // bc2^-p, so that (v/bc2)^p = v^p * bc2_pow
   float p_hi, p_lo;    // p = p_hi + p_lo exactly, p_hi with 12 significant bits
   float decay_proj;    // decay when the projection applies: 1 - lr * lambda * wd_ratio
-  bool adaptive;       // false: rectify with rho_t <= 5, the step is the p = 0 rule (D = 1 + eps)
+  bool adaptive;       // false: rectify with rho_t <= 5: u = m-hat, the p = 0 rule with d0 = 1
 };
 
 // The float64 host (or device) part: bias corrections and the hoisted scalars.
 // bc1 = 1 - beta1^t, bc2 = 1 - beta2^t in float64, both 1 without bias correction.
 // AdaGrad (kFlagSumV): v <- 1 * v + 1 * g^2 and bc2 = 1. Rectification (kFlagRectify, p != 0):
 // rho_inf = 2/(1 - beta2) - 1, rho_t = rho_inf - 2 t beta2^t/(1 - beta2^t); while rho_t <= 5 the
-// step is the p = 0 rule (adaptive = false), after that step_size is multiplied by
-// r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t)).
+// step is u = m-hat (adaptive = false: the caller runs the p = 0 rule with d0 = 1, as RAdam), after
+// that step_size is multiplied by r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)
+// (rho_inf - 2) rho_t)) and eps is eps / bc2^p: torch's RAdam divides by
+// (sqrt(v) + eps) / sqrt(bc2).
 template <class PowFn, class SqrtFn, class Log2Fn>
 SMES_HD Scalars make_scalars(double lr, double beta1, double beta2, double eps, double p,
                              double wd, int flags, double step, float inv_scale, PowFn pw,
@@ -114,6 +116,7 @@ SMES_HD Scalars make_scalars(double lr, double beta1, double beta2, double eps, 
   const bool sum_v = (flags & kFlagSumV) != 0;
   if (sum_v) bc2 = 1.0;
   double rect = 1.0;
+  bool rectified = false;  // an adaptive rectified step: eps / bc2^p, see s.eps
   s.adaptive = true;
   if ((flags & kFlagRectify) && p != 0.0) {
     const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
@@ -121,6 +124,7 @@ SMES_HD Scalars make_scalars(double lr, double beta1, double beta2, double eps, 
     const double rho_t = rho_inf - 2.0 * step * b2t / (1.0 - b2t);
     if (rho_t > 5.0) {
       rect = sq((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t));
+      rectified = true;
     } else {
       s.adaptive = false;
     }
@@ -136,12 +140,14 @@ SMES_HD Scalars make_scalars(double lr, double beta1, double beta2, double eps, 
   s.decay_proj = (decoupled && wd != 0.0) ? (float)(1.0 - lr * wd * proj_wd_ratio) : 1.f;
   s.step_size = (float)(lr / bc1);
   if (s.adaptive && rect != 1.0) s.step_size = (float)(lr / bc1 * rect);
-  s.eps = (float)eps;
-  s.d0 = (float)(1.0 + eps);
+  const double bc2_pow = pw(bc2, -p);  // bc2^-p
+  // torch's RAdam adds eps before the bias correction: eps / bc2^p on rectified steps
+  s.eps = (float)(rectified ? eps * bc2_pow : eps);
+  s.d0 = (float)(1.0 + eps);  // 1 where a rectified step is not adaptive (its callers set it)
   s.bc2_sqrt = (float)sq(bc2);
   s.p = (float)p;
   s.log2_shift = (float)(-p * lg(bc2));
-  s.bc2_pow = (float)pw(bc2, -p);
+  s.bc2_pow = (float)bc2_pow;
   const float c = 4097.0f * s.p;  // Veltkamp split of the float exponent
   s.p_hi = c - (c - s.p);
   s.p_lo = s.p - s.p_hi;

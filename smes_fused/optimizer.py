@@ -104,7 +104,8 @@ class SMES(Optimizer):
             and scale the decoupled decay by ``projection_wd_ratio``. Default False.
         projection_delta, projection_wd_ratio: AdamP's ``delta`` (0.1) and ``wd_ratio`` (0.1).
         rectify: RAdam's rectification at any exponent: while ρ_t ≤ 5 the step is the momentum
-            step (D = 1 + ε), then the adaptive step times r_t. Default False.
+            step (D = 1), then the adaptive step times r_t, with ε added before the bias
+            correction as torch's RAdam does (D = v̂^p + ε/bc2^p). Default False.
         second_moment: ``"ema"`` (default, Adam's moving average) or ``"sum"`` (AdaGrad:
             v ← v + g², no second bias correction).
         stochastic_rounding: bf16 params only: round the new θ to bfloat16 stochastically

@@ -192,7 +192,7 @@ def _smes_scalars_kernel(
     b2t = tl.exp2(t * tl.log2(beta2))
     bc1 = tl.where(bc_on, 1.0 - tl.exp2(t * tl.log2(beta1)), 1.0)
     bc2 = tl.where(bc_on & (sum_v == 0), 1.0 - b2t, 1.0)
-    # RAdam (SPEC §4): while rho_t <= 5 the step is the p = 0 rule, then times r_t.
+    # RAdam (SPEC §4): while rho_t <= 5 the step is u = m-hat, then times r_t.
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     rho_t = rho_inf - 2.0 * t * b2t / (1.0 - b2t)
     rect_on = ((flags & FLAG_RECTIFY) != 0) & (exponent != 0.0)
@@ -216,7 +216,9 @@ def _smes_scalars_kernel(
     tl.store(out + S_OMB1, (1.0 - beta1).to(tl.float32), mask=mask)
     tl.store(out + S_BETA2, tl.where(sum_v, 1.0, beta2).to(tl.float32), mask=mask)
     tl.store(out + S_OMB2, tl.where(sum_v, 1.0, 1.0 - beta2).to(tl.float32), mask=mask)
-    tl.store(out + S_EPS, eps.to(tl.float32), mask=mask)
+    # rectified adaptive steps: torch's RAdam adds eps before the bias correction, eps / bc2^p
+    eps_r = eps / tl.exp2(exponent * tl.log2(bc2))
+    tl.store(out + S_EPS, tl.where(rect_on & adaptive, eps_r, eps).to(tl.float32), mask=mask)
     tl.store(out + S_EXP, exponent.to(tl.float32), mask=mask)
     tl.store(out + S_WD, weight_decay.to(tl.float32), mask=mask)
 
@@ -261,7 +263,8 @@ def _smes_moments(
 
 @triton.jit
 def _smes_direction(m, vhat, eps, exponent, bc2, bc2_sqrt, adapt, P_CLASS: tl.constexpr):
-    """The update direction u = m / D (SPEC §1; rectification's p = 0 steps where adapt == 0)."""
+    """The update direction u = m / D (SPEC §1; u = m where adapt == 0: rectification's
+    un-adapted steps, SPEC §4)."""
     if P_CLASS == 0:  # compile-time p = 0: no denominator math at all
         update = m / (1.0 + eps)
     else:
@@ -271,7 +274,7 @@ def _smes_direction(m, vhat, eps, exponent, bc2, bc2_sqrt, adapt, P_CLASS: tl.co
             vh = tl.div_rn(vhat, bc2)
             denom = tl.exp2(exponent * tl.log2(vh)) + eps
         update = tl.div_rn(m, denom)
-        update = tl.where(adapt != 0.0, update, m / (1.0 + eps))
+        update = tl.where(adapt != 0.0, update, m)  # RAdam's un-adapted steps: u = m-hat
     return update
 
 

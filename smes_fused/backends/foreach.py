@@ -16,7 +16,7 @@ from torch import Tensor
 from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype, unfit_state_dtype
 from .._rounding import round_to_bf16, tensor_key
 from . import register
-from .reference import rectification
+from .reference import rectification, rectified_eps
 
 
 def _cast(ts: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
@@ -141,6 +141,7 @@ def _extended_update(b: Bucket, h: Hyper, theta, g_cos, m, vv, t, bc1, bc2, lr, 
     """θ ← θ·decay − (η/bc1)·u with rectification and projection (SPEC §4), per tensor on the
     device (no host sync: the decisions are tensors where the step counts are)."""
     p_class = h.variant.p_class
+    rect = h.rectify and p_class != P_ZERO
     if p_class == P_ZERO:
         u = list(torch._foreach_div(m, 1 + h.eps))
     else:
@@ -150,18 +151,23 @@ def _extended_update(b: Bucket, h: Hyper, theta, g_cos, m, vv, t, bc1, bc2, lr, 
         else:
             d = torch._foreach_div(vv, bc2)
             d = torch._foreach_pow(d, h.exponent)
-        torch._foreach_add_(d, h.eps)
-        u = list(torch._foreach_div(m, d))
+        if rect:
+            u = list(m)  # each set below
+        else:
+            torch._foreach_add_(d, h.eps)
+            u = list(torch._foreach_div(m, d))
     wd = h.weight_decay if h.decoupled else 0.0
-    for i in range(len(u)):
-        if h.rectify and p_class != P_ZERO:
+    for i in range(len(m)):
+        if rect:  # u = m̂/(d + eps/bc2^p) times r_t, or m̂ while not adaptive
             adaptive, r = rectification(h, t[i])
+            eps = rectified_eps(h, bc2[i])
             if isinstance(adaptive, Tensor):
-                u[i] = torch.where(adaptive, u[i] * r.to(cd), m[i] / (1 + h.eps))
+                ui = m[i] / (d[i] + eps.to(cd))
+                u[i] = torch.where(adaptive, ui * r.to(cd), m[i])
             elif adaptive:
-                u[i] = u[i] * r
+                u[i] = m[i] / (d[i] + eps) * r
             else:
-                u[i] = m[i] / (1 + h.eps)
+                u[i] = m[i]
         ratio = 1.0
         if h.projection and theta[i].dim() > 1 and theta[i].numel() > 0:
             u[i], projected = project_on_device(theta[i], g_cos[i], u[i], h.projection_delta, h.eps)

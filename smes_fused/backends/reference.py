@@ -25,7 +25,7 @@ def _value(t: Tensor):
 
 def rectification(h: Hyper, t):
     """RAdam's (adaptive, r_t) at step ``t`` (SPEC §4): while ρ_t ≤ 5 the step is the momentum
-    step (not adaptive); after that the adaptive step is multiplied by r_t. (True, 1) without
+    step u = m̂ (not adaptive); after that the adaptive step is multiplied by r_t. (True, 1) without
     ``rectify``. ``t`` is a float, or a float64 tensor (then so are both results)."""
     if not h.rectify:
         return True, 1.0
@@ -43,6 +43,12 @@ def rectification(h: Hyper, t):
     if rho_t <= 5:
         return False, 1.0
     return True, math.sqrt(r_of(rho_t))
+
+
+def rectified_eps(h: Hyper, bc2):
+    """The eps of a rectified adaptive step (SPEC §4): torch's RAdam adds eps before the bias
+    correction, D = (v^p + eps)/bc2^p = v̂^p + eps/bc2^p. ``bc2`` a float or a float64 tensor."""
+    return h.eps / bc2**h.exponent
 
 
 def project(theta: Tensor, g: Tensor, u: Tensor, delta: float, eps: float) -> tuple[Tensor, bool]:
@@ -109,15 +115,17 @@ def smes_tensor(
     adaptive, r = rectification(h, t)
 
     p_class = h.variant.p_class
+    rect = h.rectify and p_class != P_ZERO
+    eps = rectified_eps(h, bc2) if rect else h.eps
     if p_class == P_ZERO:
         denom = 1 + h.eps
     elif p_class == P_HALF:
-        denom = v.sqrt() / bc2**0.5 + h.eps
+        denom = v.sqrt() / bc2**0.5 + eps
     else:
-        denom = (v / bc2) ** h.exponent + h.eps  # v = 0, p < 0: inf, so the update is 0
+        denom = (v / bc2) ** h.exponent + eps  # v = 0, p < 0: inf, so the update is 0
     u = m / denom
-    if h.rectify and p_class != P_ZERO:
-        u = torch.where(torch.as_tensor(adaptive, device=u.device), u * r, m / (1 + h.eps))
+    if rect:
+        u = torch.where(torch.as_tensor(adaptive, device=u.device), u * r, m)
 
     decay = 1.0
     if h.weight_decay != 0 and h.decoupled:
