@@ -53,16 +53,14 @@ def _real(name: str, x) -> float:
     return x
 
 
-# The group keys that hold numbers (betas: a pair of them).
-NUMBER_KEYS = ("lr", "eps", "weight_decay", "exponent", "projection_delta", "projection_wd_ratio",
-               "rounding_seed")  # fmt: skip
-
-
-def plain_number(x):
-    """A numpy scalar as the Python number it equals (anything else unchanged): the groups
-    SMES makes hold Python numbers, so that a checkpoint loads with
-    ``torch.load(weights_only=True)``, which refuses numpy types."""
-    return x.item() if isinstance(x, numbers.Number) and type(x).__module__ == "numpy" else x
+def plain_value(x):
+    """A numpy scalar (number, bool or string) as the Python value it equals, anything else
+    unchanged: the groups SMES makes hold Python values, so that a checkpoint loads with
+    ``torch.load(weights_only=True)``, which refuses numpy types, and a flag given as
+    ``np.True_`` is taken as torch's optimizers take it."""
+    if type(x).__module__ == "numpy" and getattr(x, "ndim", None) == 0 and hasattr(x, "item"):
+        return x.item()
+    return x
 
 
 def check_hyper(
@@ -131,7 +129,7 @@ def check_hyper(
         ("rectify", rectify),
         ("stochastic_rounding", stochastic_rounding),
     ):
-        if not isinstance(flag, bool):
+        if not isinstance(plain_value(flag), bool):  # np.True_ taken, as torch takes it
             raise TypeError(f"Invalid {name}: {flag!r}; expected True or False")
     delta = _real("projection_delta", projection_delta)
     if delta < 0:
@@ -148,7 +146,7 @@ def check_hyper(
             f"Invalid rounding_seed: {rounding_seed!r} ({type(rounding_seed).__name__}); "
             "expected an integer in [0, 2**32)"
         )
-    if second_moment not in ("ema", "sum"):
+    if plain_value(second_moment) not in ("ema", "sum"):
         raise ValueError(
             f"Invalid second_moment: {second_moment!r}; expected 'ema' (Adam's moving average) "
             "or 'sum' (AdaGrad's accumulation)"
@@ -251,12 +249,12 @@ def make_hyper(*, decoupled_weight_decay, amsgrad, maximize, bias_correction, **
         maximize=bool(maximize),
         bias_correction=bool(bias_correction),
         track_v=bool(o["track_second_moment"]),
-        projection=o["projection"],
+        projection=bool(o["projection"]),
         projection_delta=float(o["projection_delta"]),
         projection_wd_ratio=float(o["projection_wd_ratio"]),
-        rectify=o["rectify"],
-        second_moment_sum=o["second_moment"] == "sum",
-        stochastic_rounding=o["stochastic_rounding"],
+        rectify=bool(o["rectify"]),
+        second_moment_sum=plain_value(o["second_moment"]) == "sum",
+        stochastic_rounding=bool(o["stochastic_rounding"]),
         rounding_seed=int(o["rounding_seed"]),
     )
 

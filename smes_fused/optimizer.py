@@ -173,7 +173,7 @@ class SMES(Optimizer):
             )
         functional.check_backend_name(backend)
         _check_max_grad_norm(max_grad_norm)
-        self.max_grad_norm = functional.plain_number(max_grad_norm)
+        self.max_grad_norm = functional.plain_value(max_grad_norm)
         self.grad_norm: Tensor | None = None
         if amp_unscale not in ("step", "scaler"):
             raise ValueError(f"Invalid amp_unscale: {amp_unscale!r}; expected 'step' or 'scaler'")
@@ -254,10 +254,11 @@ class SMES(Optimizer):
         group["params"] = params = list(params)
         for k, v in self.defaults.items():
             group.setdefault(k, v)
-        for k in functional.NUMBER_KEYS:  # numpy scalars taken, kept as Python numbers
-            group[k] = functional.plain_number(group[k])
+        for k in group:  # numpy scalars taken, kept as Python values
+            if k != "params":
+                group[k] = functional.plain_value(group[k])
         if isinstance(group["betas"], (tuple, list)):
-            group["betas"] = type(group["betas"])(map(functional.plain_number, group["betas"]))
+            group["betas"] = type(group["betas"])(map(functional.plain_value, group["betas"]))
         if group["track_second_moment"] is None:
             group["track_second_moment"] = group["exponent"] != 0
         _group_hyper(group)
@@ -606,7 +607,8 @@ def _check_state(p: Tensor, state: dict) -> None:
             )
 
 
-_FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize", "bias_correction", "capturable")
+_FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize", "bias_correction", "capturable",
+          "projection", "rectify", "stochastic_rounding")  # fmt: skip
 
 
 def _group_hyper(group: dict):
@@ -614,7 +616,10 @@ def _group_hyper(group: dict):
     construction, on load_state_dict and on every step)."""
     for name in _FLAGS:
         if not isinstance(group[name], bool):  # "no" or None read as a truth value
-            raise TypeError(f"Invalid {name}: {group[name]!r}; expected True or False")
+            flag = functional.plain_value(group[name])  # np.True_ set by hand
+            if not isinstance(flag, bool):
+                raise TypeError(f"Invalid {name}: {group[name]!r}; expected True or False")
+            group[name] = flag
     for name in ("foreach", "fused"):  # AdamW's, kept for it
         flag = group.get(name)
         if not (flag is None or flag is True or flag is False):  # 1 == True: not `in`

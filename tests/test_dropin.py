@@ -139,6 +139,38 @@ def test_adamw_positional_arguments_and_numpy_numbers():
         SMES(ps, betas=(torch.tensor(0.9), 0.999))
 
 
+def test_numpy_flags_and_strings_are_taken_as_python_values():
+    """np.True_ flags are taken as AdamW takes them (they were refused: "expected True or
+    False"), and a numpy string option is kept as a Python str (np.str_ was kept, and the
+    checkpoint then failed to load with weights_only=True), also when set by hand later."""
+    import io
+
+    import numpy as np
+
+    ps = list(_net().parameters())
+    torch.optim.AdamW(ps, amsgrad=np.True_, maximize=np.False_)  # what torch accepts
+    opt = SMES(ps, amsgrad=np.True_, maximize=np.False_, rectify=np.True_, projection=np.True_,
+               stochastic_rounding=np.False_, second_moment=np.str_("sum"),
+               rounding_seed=np.int64(7))  # fmt: skip
+    g = opt.param_groups[0]
+    for k in ("amsgrad", "maximize", "rectify", "projection", "stochastic_rounding"):
+        assert type(g[k]) is bool, k
+    assert type(g["second_moment"]) is str and type(g["rounding_seed"]) is int
+    _grads(ps, 0)
+    opt.step()
+    g["amsgrad"] = np.True_  # by hand: taken, and stored back as a bool
+    g["rectify"] = np.False_
+    _grads(ps, 1)
+    opt.step()
+    assert g["amsgrad"] is True
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    with pytest.raises(TypeError, match="Invalid amsgrad"):
+        SMES(ps, amsgrad=np.int64(1))  # a number is not a flag, numpy or not
+
+
 @pytest.mark.parametrize(
     "key, value, exc",
     [("amsgrad", "no", TypeError), ("maximize", None, TypeError), ("capturable", "yes", TypeError),
