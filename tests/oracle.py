@@ -77,13 +77,13 @@ def spec_step(
         bc2 = 1.0
     vv = vmax if (amsgrad and v is not None) else v
     adaptive, r = True, 1.0
-    rect = rectify and exponent != 0
-    if rect:  # torch's RAdam: eps before the bias correction, (v^p + eps)/bc2^p
-        eps = eps / bc2**exponent
+    eps_d = eps  # the denominator's; the projection's is eps
+    if rectify and exponent != 0:
         rho_inf = 2 / (1 - b2) - 1
         rho_t = rho_inf - 2 * step * b2**step / (1 - b2**step)
         adaptive = rho_t > 5
-        if adaptive:
+        if adaptive:  # torch's RAdam: eps before the bias correction, (v^p + eps)/bc2^p
+            eps_d = eps / bc2**exponent
             num = (rho_t - 4) * (rho_t - 2) * rho_inf
             r = math.sqrt(num / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
     if not adaptive:  # RAdam's un-adapted steps: u = m-hat, no eps
@@ -91,9 +91,9 @@ def spec_step(
     elif exponent == 0:
         d = torch.full_like(th, 1 + eps)
     elif exponent == 0.5:
-        d = vv.sqrt() / math.sqrt(bc2) + eps
+        d = vv.sqrt() / math.sqrt(bc2) + eps_d
     else:
-        d = (vv / bc2) ** exponent + eps
+        d = (vv / bc2) ** exponent + eps_d
     u = m / d * r
     if projection and th.dim() > 1 and th.numel() > 0:
         # SPEC §4, from the spec: per output channel, then per layer

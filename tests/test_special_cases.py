@@ -128,6 +128,25 @@ def test_radam_with_gradients_near_eps(backend, eps, scale):
         assert_close(x - p0, y - p0, rtol=1e-4, atol=1e-9)  # the 20 steps' movement
 
 
+@pytest.mark.parametrize("kw", [dict(bias_correction=False), dict(second_moment="sum")])
+def test_rectify_with_a_tensor_lr_and_no_second_bias_correction(backend, kw):
+    """A tensor lr puts foreach on its device-step path, where bc2 = 1 (no bias correction, or
+    AdaGrad's sum) stayed a float: the rectified eps failed there (float has no .to)."""
+
+    def run(lr):
+        params = [p.clone().requires_grad_() for p in _params()]
+        opt = SMES(params, lr=lr, eps=1e-3, rectify=True, backend=backend, **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach() for p in params]
+
+    for x, y in zip(run(torch.tensor(1e-3)), run(1e-3), strict=True):
+        assert_close(x, y)
+
+
 KINDS = {
     "channel": lambda i, t: "channel",
     "layer": lambda i, t: "layer",
@@ -240,6 +259,9 @@ EXTENSIONS = {
     "rectify": dict(rectify=True),
     "sum": dict(second_moment="sum"),
     "all": dict(projection=True, rectify=True, second_moment="sum"),
+    # a large eps: the rectified denominator's eps / bc2^p against the projection's own eps (the
+    # Triton prologue gave the projection the rectified one, and so did the oracle)
+    "projection+rectify, eps 1e-2": dict(projection=True, rectify=True, eps=1e-2),
 }
 COMBOS = [
     dict(),
@@ -258,8 +280,8 @@ def test_oracle_parity(backend, ext, p, combo, step):
     """One step from a random state at step count ``step`` (RAdam: 3 is before ρ_t > 5, 40
     after), every tensor kind of SHAPES, gradients that trigger the projection per channel, per
     layer, or not at all."""
-    opts = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, exponent=p,
-                **EXTENSIONS[ext], **COMBOS[combo])  # fmt: skip
+    opts = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, exponent=p)
+    opts |= EXTENSIONS[ext] | COMBOS[combo]
     gen = torch.Generator().manual_seed(zlib.crc32(repr((ext, p, combo, step)).encode()))
     params = [x.requires_grad_() for x in _params(combo)]
     opt = SMES(params, backend=backend, **opts)

@@ -82,8 +82,10 @@ FLAG_SUM_V = _c(32)  # AdaGrad: v ← v + g², no bc2
 FLAG_SR = _c(64)  # stochastic rounding of θ (bf16 params; smes_fused/_rounding.py)
 # Per-tensor float32 scalars of one step (written by the prologue, read by every block).
 SCAL_COLS = _c(16)
+# S_EPS: the group's eps (the projection's); S_EPS_D: the update direction's, eps / bc2^p on
+# rectified adaptive steps (SPEC §4)
 (S_STEP_SIZE, S_DECAY, S_BC2, S_BC2_SQRT, S_BETA1, S_OMB1, S_BETA2, S_OMB2, S_EPS, S_EXP,
- S_WD, S_ADAPT, S_DECAY_PROJ, S_DELTA, S_KEY) = (_c(i) for i in range(15))  # fmt: skip
+ S_WD, S_ADAPT, S_DECAY_PROJ, S_DELTA, S_KEY, S_EPS_D) = (_c(i) for i in range(16))  # fmt: skip
 M32 = _c(0xFFFFFFFF)
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -218,7 +220,8 @@ def _smes_scalars_kernel(
     tl.store(out + S_OMB2, tl.where(sum_v, 1.0, 1.0 - beta2).to(tl.float32), mask=mask)
     # rectified adaptive steps: torch's RAdam adds eps before the bias correction, eps / bc2^p
     eps_r = eps / tl.exp2(exponent * tl.log2(bc2))
-    tl.store(out + S_EPS, tl.where(rect_on & adaptive, eps_r, eps).to(tl.float32), mask=mask)
+    tl.store(out + S_EPS, eps.to(tl.float32), mask=mask)
+    tl.store(out + S_EPS_D, tl.where(rect_on & adaptive, eps_r, eps).to(tl.float32), mask=mask)
     tl.store(out + S_EXP, exponent.to(tl.float32), mask=mask)
     tl.store(out + S_WD, weight_decay.to(tl.float32), mask=mask)
 
@@ -327,7 +330,7 @@ def _smes_block(
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         if AMSGRAD:
             vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
-    eps = tl.load(srow + S_EPS)
+    eps = tl.load(srow + S_EPS_D)
     adapt = tl.load(srow + S_ADAPT)
     exponent = tl.load(srow + S_EXP)
     bc2 = tl.load(srow + S_BC2)

@@ -162,7 +162,7 @@ def _extended_update(b: Bucket, h: Hyper, theta, g_cos, m, vv, t, bc1, bc2, lr, 
             adaptive, r = rectification(h, t[i])
             eps = rectified_eps(h, bc2[i])
             if isinstance(adaptive, Tensor):
-                ui = m[i] / (d[i] + eps.to(cd))
+                ui = m[i] / (d[i] + (eps.to(cd) if isinstance(eps, Tensor) else eps))
                 u[i] = torch.where(adaptive, ui * r.to(cd), m[i])
             elif adaptive:
                 u[i] = m[i] / (d[i] + eps) * r
