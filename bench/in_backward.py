@@ -39,8 +39,7 @@ import torch
 from torch import nn
 
 import smes_fused
-from smes_fused._bucket import BucketKey
-from smes_fused.backends import resolve
+from smes_fused.backends import BucketKey, resolve
 from smes_fused.in_backward import attach
 
 from .argtypes import (

@@ -298,6 +298,9 @@ def apply(
     # leave the earlier ones stepped. So every bucket is checked before any is stepped.
     for _, bucket in live:
         bucket.check_state()
+    if len(live) > 1:  # one bucket's own refusal changes nothing
+        for b in {id(chosen[k]): chosen[k] for k, _ in live}.values():
+            getattr(b, "check_ready", lambda: None)()
     for key, bucket in live:
         dev = key.device
         gs = None if grad_scale is None else grad_scale.to(dev, torch.float32, non_blocking=True)
@@ -375,9 +378,12 @@ def smes(
     )
     grad_scale = scalar_tensor("grad_scale", grad_scale)
     found_inf = scalar_tensor("found_inf", found_inf)
+    # by identity (views sharing memory are not caught); max_exp_avg_sqs only where used
     seen: dict[int, str] = {}
     for name, xs in zip(("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
                         (params, *lists[1:])):  # fmt: skip
+        if name == "max_exp_avg_sqs" and not amsgrad:
+            continue
         for i, t in enumerate(xs):
             where = seen.setdefault(id(t), f"{name}[{i}]") if t is not None else None
             if where is not None and where != f"{name}[{i}]":

@@ -620,6 +620,8 @@ def _group_hyper(group: dict):
             if not isinstance(flag, bool):
                 raise TypeError(f"Invalid {name}: {group[name]!r}; expected True or False")
             group[name] = flag
+    if type(group["second_moment"]) is not str:  # np.str_ set by hand: a Python str
+        group["second_moment"] = functional.plain_value(group["second_moment"])
     for name in ("foreach", "fused"):  # AdamW's, kept for it
         flag = group.get(name)
         if not (flag is None or flag is True or flag is False):  # 1 == True: not `in`

@@ -176,6 +176,23 @@ def test_unknown_instruction_set(monkeypatch):
     assert _ops.cpu_isa() in ISAS
     opt.step()
     assert not torch.equal(p.detach(), before[0])
+    # two buckets, float64 on "foreach" and float32 on "cpu": refused before either is stepped
+    # (the float64 one was stepped, then the cpu op raised)
+    ps = [
+        torch.nn.Parameter(torch.randn(10, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(10)),
+    ]
+    opt = smes_fused.SMES(ps, lr=1e-2, exponent=0.37)
+    for q in ps:
+        q.grad = torch.randn_like(q)
+    opt.step()
+    before = [[q.detach().clone()] + [t.clone() for t in opt.state[q].values()] for q in ps]
+    monkeypatch.setenv("SMES_CPU_ISA", "avx")
+    with pytest.raises(RuntimeError, match="SMES_CPU_ISA='avx'"):
+        opt.step()
+    for q, b in zip(ps, before, strict=True):
+        after = [q.detach()] + list(opt.state[q].values())
+        assert all(torch.equal(x, y) for x, y in zip(b, after, strict=True))
     monkeypatch.delenv("SMES_CPU_ISA")
 
 

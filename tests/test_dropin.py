@@ -160,9 +160,10 @@ def test_numpy_flags_and_strings_are_taken_as_python_values():
     opt.step()
     g["amsgrad"] = np.True_  # by hand: taken, and stored back as a bool
     g["rectify"] = np.False_
+    g["second_moment"] = np.str_("ema")
     _grads(ps, 1)
     opt.step()
-    assert g["amsgrad"] is True
+    assert g["amsgrad"] is True and g["rectify"] is False and type(g["second_moment"]) is str
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)

@@ -356,6 +356,16 @@ def test_functional_rejects_a_tensor_given_twice_before_mutating(where, words):
     assert all(torch.equal(x, y) for x, y in zip((a, b, *m, *v, *steps), snap, strict=True))
 
 
+def test_functional_ignores_max_exp_avg_sqs_without_amsgrad():
+    """Without amsgrad the list is not used, so placeholders there (the exp_avgs, one tensor
+    repeated) are not a tensor given twice."""
+    params, m = [torch.ones(3), torch.ones(3)], [torch.zeros(3), torch.zeros(3)]
+    v, steps = [torch.zeros(3), torch.zeros(3)], [torch.tensor(0.0), torch.tensor(0.0)]
+    for placeholders in (m, [v[0], v[0]]):
+        functional.smes(params, [torch.ones(3)] * 2, m, v, placeholders, steps)
+    assert all(s.item() == 2 for s in steps)
+
+
 def test_functional_takes_an_empty_max_exp_avg_sqs_as_adamw_does():
     params = [torch.ones(3)]
     functional.smes(params, [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [],

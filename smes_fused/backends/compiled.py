@@ -171,6 +171,13 @@ class CompiledBackend:
             why = "no CUDA device is visible (torch.cuda.is_available() is False)"
         return why
 
+    def check_ready(self) -> None:
+        """Raise what this backend would raise before it writes anything, so that
+        ``functional.apply`` hears it before any bucket is stepped: on CPU an ``SMES_CPU_ISA``
+        that names no kernel set (the op itself refuses it only for its own bucket)."""
+        if self.name == "cpu":
+            _ops.cpu_isa()
+
     def cannot_run(self, key: BucketKey) -> str | None:
         if key.device.type != self.name:
             return (
