@@ -63,6 +63,19 @@ def plain_value(x):
     return x
 
 
+def first_repeat(items):
+    """The labels of the first tensor met twice in ``items``, ``(label, tensor)`` pairs (None
+    tensors skipped), by identity (views sharing memory are not caught); None if there is none.
+    A tensor updated twice per step would be a data race in the fused kernels."""
+    seen: dict[int, object] = {}
+    for label, t in items:
+        if t is not None:
+            if id(t) in seen:
+                return seen[id(t)], label
+            seen[id(t)] = label
+    return None
+
+
 def check_hyper(
     *,
     lr,
@@ -146,7 +159,7 @@ def check_hyper(
             f"Invalid rounding_seed: {rounding_seed!r} ({type(rounding_seed).__name__}); "
             "expected an integer in [0, 2**32)"
         )
-    if plain_value(second_moment) not in ("ema", "sum"):
+    if second_moment not in ("ema", "sum"):
         raise ValueError(
             f"Invalid second_moment: {second_moment!r}; expected 'ema' (Adam's moving average) "
             "or 'sum' (AdaGrad's accumulation)"
@@ -253,7 +266,7 @@ def make_hyper(*, decoupled_weight_decay, amsgrad, maximize, bias_correction, **
         projection_delta=float(o["projection_delta"]),
         projection_wd_ratio=float(o["projection_wd_ratio"]),
         rectify=bool(o["rectify"]),
-        second_moment_sum=plain_value(o["second_moment"]) == "sum",
+        second_moment_sum=o["second_moment"] == "sum",
         stochastic_rounding=bool(o["stochastic_rounding"]),
         rounding_seed=int(o["rounding_seed"]),
     )
@@ -378,20 +391,20 @@ def smes(
     )
     grad_scale = scalar_tensor("grad_scale", grad_scale)
     found_inf = scalar_tensor("found_inf", found_inf)
-    # by identity (views sharing memory are not caught); max_exp_avg_sqs only where used
-    seen: dict[int, str] = {}
-    for name, xs in zip(("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
-                        (params, *lists[1:])):  # fmt: skip
-        if name == "max_exp_avg_sqs" and not amsgrad:
-            continue
-        for i, t in enumerate(xs):
-            where = seen.setdefault(id(t), f"{name}[{i}]") if t is not None else None
-            if where is not None and where != f"{name}[{i}]":
-                raise ValueError(
-                    f"{where} and {name}[{i}] are the same tensor: every param and state tensor "
-                    "must be a tensor of its own (one updated twice per step would be a data "
-                    "race in the fused kernels)"
-                )
+    named = zip(("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+                (params, *lists[1:]))  # fmt: skip
+    twice = first_repeat(  # max_exp_avg_sqs only where it is used
+        (f"{name}[{i}]", t)
+        for name, xs in named
+        if name != "max_exp_avg_sqs" or amsgrad
+        for i, t in enumerate(xs)
+    )
+    if twice is not None:
+        raise ValueError(
+            f"{twice[0]} and {twice[1]} are the same tensor: every param and state tensor must be "
+            "a tensor of its own (one updated twice per step would be a data race in the fused "
+            "kernels)"
+        )
     for i in range(n):
         if grads[i] is None:
             raise ValueError(f"grads[{i}] is None; pass only the tensors that have gradients")

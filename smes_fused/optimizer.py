@@ -263,19 +263,20 @@ class SMES(Optimizer):
             group["track_second_moment"] = group["exponent"] != 0
         _group_hyper(group)
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (name, param) pairs
-        seen: dict[int, int] = {}
-        for i, p in enumerate(tensors):
-            if not isinstance(p, Tensor):
-                continue  # torch's base class raises its TypeError
-            j = seen.setdefault(id(p), i)
-            if j != i:
-                raise ValueError(
-                    f"param group {len(self.param_groups)} contains the same parameter (shape "
-                    f"{tuple(p.shape)}) more than once, at positions {j} and {i}: pass each "
-                    "parameter once (a parameter updated twice per step would be a data race "
-                    "in the fused kernels)"
-                )
-            functional.check_param(p)
+        # non-tensors: torch's base class raises its TypeError
+        twice = functional.first_repeat((i, p) for i, p in enumerate(tensors)
+                                        if isinstance(p, Tensor))  # fmt: skip
+        if twice is not None:
+            j, i = twice
+            raise ValueError(
+                f"param group {len(self.param_groups)} contains the same parameter (shape "
+                f"{tuple(tensors[i].shape)}) more than once, at positions {j} and {i}: pass each "
+                "parameter once (a parameter updated twice per step would be a data race in the "
+                "fused kernels)"
+            )
+        for p in tensors:
+            if isinstance(p, Tensor):
+                functional.check_param(p)
         # An explicit backend that cannot run these params says so now, not at the first step.
         keys = {BucketKey(p.device, p.dtype, self._state_dtype(group, p)) for p in tensors
                 if isinstance(p, Tensor)}  # fmt: skip
@@ -674,17 +675,17 @@ class _Plan:
     def __init__(self, opt: SMES, hypers: list, grads: list) -> None:
         groups = opt.param_groups
         # add_param_group refuses a param twice; param_groups edited by hand are checked here
-        seen: dict[int, tuple[int, int]] = {}
-        for gi, group in enumerate(groups):
-            for i, p in enumerate(group["params"]):
-                where = seen.setdefault(id(p), (gi, i))
-                if where != (gi, i):
-                    raise ValueError(
-                        f"the same parameter (shape {tuple(p.shape)}) is in param group "
-                        f"{where[0]} at position {where[1]} and in param group {gi} at position "
-                        f"{i}: each parameter must be in the param groups once (a parameter "
-                        "updated twice per step would be a data race in the fused kernels)"
-                    )
+        twice = functional.first_repeat(
+            ((gi, i), p) for gi, group in enumerate(groups) for i, p in enumerate(group["params"])
+        )
+        if twice is not None:
+            (g0, i0), (gi, i) = twice
+            raise ValueError(
+                f"the same parameter (shape {tuple(groups[gi]['params'][i].shape)}) is in param "
+                f"group {g0} at position {i0} and in param group {gi} at position {i}: each "
+                "parameter must be in the param groups once (a parameter updated twice per step "
+                "would be a data race in the fused kernels)"
+            )
         functional.check_grads([p for group in groups for p in group["params"]], grads)
         todo = []  # (flat index, param, group index, state dtype)
         keys: set[BucketKey] = set()
