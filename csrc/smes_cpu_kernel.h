@@ -333,12 +333,17 @@ struct VecMath {
     return _mm256_cmpgt_epi32(_mm256_add_epi32(bits(v), _mm256_set1_epi32((int32_t)c.off)),
                               _mm256_set1_epi32((int32_t)c.lim));
   }
-  template <bool D4, int K>
-  SMES_CPU_INLINE void pow_fast(const __m256* v, const PowConsts& c, __m256* r) {
+  // pow_fast in two stages, log2 (pow_log: y and t) and exp2 (pow_exp), which the general-p
+  // pipeline (segment) runs for different blocks.
+  template <int K>
+  SMES_CPU_INLINE void pow_log(const __m256* v, const PowConsts& c, __m256* y, __m256* t) {
     __m256i b[K];
-    __m256 y[K], t[K], rm[K], fr[K], te[K];
     for (int k = 0; k < K; ++k) b[k] = bits(v[k]);
     log2_parts<K>(b, c, y, t);
+  }
+  template <bool D4, int K>
+  SMES_CPU_INLINE void pow_exp(const __m256* y, const __m256* t, const PowConsts& c, __m256* r) {
+    __m256 rm[K], fr[K], te[K];
     // rm from y alone; p/8 y - (rm - magic) from one FMA (exact: its result is at most 1/16)
     const __m256 magic = _mm256_set1_ps(c.magic);
     for (int k = 0; k < K; ++k) rm[k] = fma(c.p8, y[k], magic);
@@ -350,6 +355,12 @@ struct VecMath {
       te[k] = flt(_mm256_add_epi32(bits(lookup(c.exp_tab, rm[k])),
                                    _mm256_slli_epi32(bits(rm[k]), 20)));
     exp2_poly<D4, K>(te, fr, r);
+  }
+  template <bool D4, int K>
+  SMES_CPU_INLINE void pow_fast(const __m256* v, const PowConsts& c, __m256* r) {
+    __m256 y[K], t[K];
+    pow_log<K>(v, c, y, t);
+    pow_exp<D4, K>(y, t, c, r);
   }
   // Any v, any finite p: R rounded to a multiple of 1/8 (n + k/8) by vroundps and clamped to
   // [-160, 130], where 2^R rounds to 0 or overflows; the fraction fr = p/8 y + (hi - n - k/8) +
@@ -394,6 +405,13 @@ struct VecMath {
     const __m256i ordinary = _mm256_cmpgt_epi32(_mm256_set1_epi32(-8388609), w);
     return _mm256_blendv_ps(flt(special), r, flt(ordinary));
   }
+  // whether some v of the block is out of the fast path's range (or the fast path is off)
+  template <int K>
+  SMES_CPU_INLINE bool needs_fixup(const Block<K>& v, const PowConsts& c) {
+    __m256i any = out_of_range((__m256)v.x[0], c);
+    for (int i = 1; i < K; ++i) any = _mm256_or_si256(any, out_of_range((__m256)v.x[i], c));
+    return !c.ok || !_mm256_testz_si256(any, any);
+  }
   // pow_hat's rare path: lanes out of the fast path's range take the general path's result. The
   // masks are computed again here (the empty asm hides v from GCC's value numbering): kept from
   // the test, they cost the common path 4 registers and 10% of the general-p step.
@@ -426,9 +444,7 @@ struct VecMath {
     }
     Block<K> r;
     for (int i = 0; i < K; ++i) r.x[i] = (V)rk[i];
-    __m256i any = out_of_range((__m256)v.x[0], c);
-    for (int i = 1; i < K; ++i) any = _mm256_or_si256(any, out_of_range((__m256)v.x[i], c));
-    if (__builtin_expect(!c.ok || !_mm256_testz_si256(any, any), 0)) pow_fixup(v, r, c);
+    if (__builtin_expect(needs_fixup(v, c), 0)) pow_fixup(v, r, c);
     return r;
   }
   template <class S>
@@ -762,6 +778,92 @@ SMES_CPU_INLINE void prefetch_lines(const T* p, int n) {
   for (int q = 0; q < n; q += 64 / (int)sizeof(T)) __builtin_prefetch(p + d + q);
 }
 
+#if SMES_W == 8
+// AVX2, general p, float32 params and state: a software pipeline over blocks of two vectors, in
+// three stages: the moments and log2 of block b + 2 (pow_log), the exp2 of block b + 1 (pow_exp),
+// then the division and theta of block b. One block's chain, from its loads through the power and
+// the division to its theta, is about 70 cycles long (instruction latencies summed); done in one
+// iteration, the loop issued about half of what the FMA pipes can take (objdump: about 20 of their
+// instructions per vector; bench.compute_floor below: about 21 cycles per vector at 2.45 GHz), so
+// the chains, not the instructions, bounded it. Spread over three iterations, three blocks' chains
+// overlap. Measured (Zen 3 EPYC, `avx2`): `python -m bench.compute_floor --exponents 0.5 0 0.37
+// -0.08 --repeats 15`, builds before and after alternately, 8 rounds: general p 1.077 -> 0.889
+// ns/element (p = 0.37) and 1.079 -> 0.861 (p = -0.08), p = 0.5 0.635 and 0.611; the benchmark
+// (README, AVX2 section) 1.025x -> 1.053x fused AdamW, mean of 48 general-p cells. Two stages (the
+// power of block b + 1, then the rest of block b) gained about half as much in a scratch harness;
+// the division moved into the second stage, nothing. The arithmetic is that of smes_update (the
+// same operations in the same order: bit-identical to the other loops). A block with v out of the
+// fast path's range (flagged in the first stage) takes pow_fixup in the second, with its v-hat
+// reloaded from the state just stored (exact: float32). `i`: the first element, advanced past the
+// blocks done (at least three blocks' worth of elements remain on entry).
+template <bool D4, bool AMS, bool L2>
+SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const float* gp,
+                                        float* mp, float* vp, float* xp, const KScalars& s) {
+  constexpr int K = kBlockOf<float>;
+  constexpr int64_t B = K * W;
+  typedef Block<K> VB;
+  const VecMath::PowConsts& c = s.pow;
+  struct Front {
+    VB m;
+    __m256 y[K], t[K];
+    bool fixup;
+  };
+  auto front = [&](int64_t k, Front& f) __attribute__((always_inline)) {
+    prefetch_lines(pp + k, B);
+    prefetch_lines(gp + k, B);
+    prefetch_lines(mp + k, B);
+    prefetch_lines(vp + k, B);
+    if (AMS) prefetch_lines(xp + k, B);
+    VB th = load_block<VB, false>(pp + k), g = load_block<VB, false>(gp + k);
+    VB v = load_block<VB, false>(vp + k), x = {};
+    f.m = load_block<VB, false>(mp + k);
+    if (AMS) x = load_block<VB, false>(xp + k);
+    const VB vv = smes_front<true, AMS, L2, VecMath>(th, g, f.m, v, x, s);
+    store_block<VB, false>(mp + k, f.m);
+    store_block<VB, false>(vp + k, v);
+    if (AMS) store_block<VB, false>(xp + k, x);
+    f.fixup = VecMath::needs_fixup(vv, c);
+    __m256 vk[K];
+    for (int q = 0; q < K; ++q) vk[q] = (__m256)vv.x[q];
+    VecMath::pow_log<K>(vk, c, f.y, f.t);
+  };
+  // D = (v / bc2)^p + eps, as smes_direction
+  auto middle = [&](int64_t k, const Front& f, VB& d) __attribute__((always_inline)) {
+    __m256 r[K];
+    VecMath::pow_exp<D4, K>(f.y, f.t, c, r);
+    VB pw;
+    for (int q = 0; q < K; ++q) pw.x[q] = (V)r[q];
+    if (__builtin_expect(f.fixup, 0)) {
+      VecMath::pow_fixup(load_block<VB, false>((AMS ? xp : vp) + k), pw, c);
+    }
+    d = pw + s.eps;
+  };
+  auto back = [&](int64_t k, const VB& m, const VB& d) __attribute__((always_inline)) {
+    VB th = load_block<VB, false>(pp + k);
+    smes_theta(th, VecMath::quot(m, d), s);
+    store_block<VB, false>(pp + k, th);
+  };
+  Front f0, f1;
+  VB d0, d1;
+  front(i, f0);
+  middle(i, f0, d0);
+  front(i + B, f1);
+  for (; i + 3 * B <= n; i += B) {
+    Front f2;
+    front(i + 2 * B, f2);
+    middle(i + B, f1, d1);
+    back(i, f0.m, d0);
+    f0.m = f1.m;
+    d0 = d1;
+    f1 = f2;
+  }
+  middle(i + B, f1, d1);
+  back(i, f0.m, d0);
+  back(i + B, f1.m, d1);
+  i += 2 * B;
+}
+#endif
+
 template <class P, class S, int PC, bool TV, bool AMS, bool L2>
 void segment(const TensorJob& j, int64_t lo, int64_t hi) {
   if constexpr (PC != P_ZERO && !TV) {
@@ -810,6 +912,15 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
           if (AMS) store_block<VB, PR>(xp + i, xb);
         }
       };
+      if constexpr (__is_same(P, float) && __is_same(S, float)) {  // see general_p_pipeline
+        if (n - i >= 3 * kBlock * W) {
+          if (s.pow.d4) {
+            general_p_pipeline<true, AMS, L2>(n, i, pp, gp, mp, vp, xp, s);
+          } else {
+            general_p_pipeline<false, AMS, L2>(n, i, pp, gp, mp, vp, xp, s);
+          }
+        }
+      }
       pairs_then_contiguous(blocks);
       // The rest as blocks of one vector: the same code for every element, so that a step is
       // bit-identical however a tensor is split (FSDP shards, thread segments). GCC contracts

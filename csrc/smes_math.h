@@ -207,13 +207,23 @@ SMES_HD T smes_direction(T m, T vv, const S& s) {
   }
 }
 
-// One SMES step on one value.
+// One SMES step on one value, and its two ends, which the AVX2 CPU kernel's general-p pipeline
+// runs apart: smes_front (g scaled, the moments; returns v-hat's source) and smes_theta (decay
+// and the update of theta by the direction u).
+template <bool TV, bool AMS, bool L2, class M, class T, class S>
+SMES_HD T smes_front(T th, T g, T& m, T& v, T& vmax, const S& s) {
+  g = g * s.gmul;                  // maximize, then 1/grad_scale (both exact when 1)
+  return smes_moments<TV, AMS, L2, M>(th, g, m, v, vmax, s);
+}
+template <class T, class S>
+SMES_HD void smes_theta(T& th, T u, const S& s) {
+  th = th * s.decay;               // decoupled: theta * (1 - lr * lambda); exact when 1
+  th = th - s.step_size * u;
+}
 template <int PC, bool TV, bool AMS, bool L2, class M, class T, class S>
 SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const S& s) {
-  g = g * s.gmul;                  // maximize, then 1/grad_scale (both exact when 1)
-  T vv = smes_moments<TV, AMS, L2, M>(th, g, m, v, vmax, s);
-  th = th * s.decay;               // decoupled: theta * (1 - lr * lambda); exact when 1
-  th = th - s.step_size * smes_direction<PC, M>(m, vv, s);
+  T vv = smes_front<TV, AMS, L2, M>(th, g, m, v, vmax, s);
+  smes_theta(th, smes_direction<PC, M>(m, vv, s), s);
 }
 
 // AdamP/SGDP's per-row quantities (SPEC §4) from the row sums x = (g.theta, g.g, theta.theta,

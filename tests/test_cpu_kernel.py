@@ -913,6 +913,27 @@ def test_step_does_not_depend_on_how_the_tensor_is_split(monkeypatch, isa):
     monkeypatch.delenv("SMES_CPU_ISA")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_amsgrad_power_of_out_of_range_vmax(monkeypatch, isa):
+    """amsgrad, general p, a tensor long enough for the AVX2 kernel's pipelined loop: where v_max
+    is denormal or 0 (the power function's general path) and v is not, or v is 0 and v_max is
+    not, v-hat is v_max (the same updates as "reference", v̂^p 1/update itself: θ = 0, lr = 1)."""
+    monkeypatch.setenv("SMES_CPU_ISA", isa)
+    n = 200
+    v = torch.zeros(n)
+    v[1::4] = 3e-4  # normal v under a larger v_max
+    x = torch.tensor([1e-41, 1e-3, 0.0, 1e-39, 5e-4]).repeat(n // 5)
+    for p in (-0.08, 0.37, 1.0):
+        h = hyper(p, lr=1.0, wd=0.0, eps=1e-30, betas=(0.5, 0.999), amsgrad=True)
+        row = _unit_update_row(v)
+        row[4] = x.clone()
+        a, b = clone_state([row]), clone_state([row])
+        apply("cpu", a, [h], torch.float32)
+        apply("reference", b, [h], torch.float32)
+        torch.testing.assert_close(a[0][0], b[0][0], rtol=1e-5, atol=1e-30, equal_nan=True)
+    monkeypatch.delenv("SMES_CPU_ISA")
+
+
 def test_avx2_power_tables_match_their_definition():
     """The three 8-entry tables of the AVX2 power function are the float32 values their comment
     in csrc/smes_cpu_kernel.h defines."""
