@@ -839,9 +839,16 @@ SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const 
     d = pw + s.eps;
   };
   auto back = [&](int64_t k, const VB& m, const VB& d) __attribute__((always_inline)) {
-    VB th = load_block<VB, false>(pp + k);
-    smes_theta(th, VecMath::quot(m, d), s);
-    store_block<VB, false>(pp + k, th);
+    // theta * decay - step_size * u as GCC contracts smes_update's last two lines in the other
+    // loops, step_size * u fused into the subtraction: left to GCC, the same two lines here came
+    // out with other roundings (test_step_does_not_depend_on_how_the_tensor_is_split failed)
+    const VB th = load_block<VB, false>(pp + k) * s.decay;
+    const VB u = VecMath::quot(m, d);
+    VB r;
+    for (int q = 0; q < K; ++q) {
+      r.x[q] = (V)_mm256_fnmadd_ps(_mm256_set1_ps(s.step_size), (__m256)u.x[q], (__m256)th.x[q]);
+    }
+    store_block<VB, false>(pp + k, r);
   };
   Front f0, f1;
   VB d0, d1;

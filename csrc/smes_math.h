@@ -207,23 +207,21 @@ SMES_HD T smes_direction(T m, T vv, const S& s) {
   }
 }
 
-// One SMES step on one value, and its two ends, which the AVX2 CPU kernel's general-p pipeline
-// runs apart: smes_front (g scaled, the moments; returns v-hat's source) and smes_theta (decay
-// and the update of theta by the direction u).
+// One SMES step on one value. smes_front (g scaled, the moments; returns v-hat's source) is also
+// the first stage of the AVX2 CPU kernel's general-p pipeline, whose last stage spells out the
+// last two lines again: theta * decay first, then theta - step_size * u, in that order (GCC
+// contracts the second into one FMA; the other order rounds step_size * u instead, and twice
+// where decay is 1).
 template <bool TV, bool AMS, bool L2, class M, class T, class S>
 SMES_HD T smes_front(T th, T g, T& m, T& v, T& vmax, const S& s) {
   g = g * s.gmul;                  // maximize, then 1/grad_scale (both exact when 1)
   return smes_moments<TV, AMS, L2, M>(th, g, m, v, vmax, s);
 }
-template <class T, class S>
-SMES_HD void smes_theta(T& th, T u, const S& s) {
-  th = th * s.decay;               // decoupled: theta * (1 - lr * lambda); exact when 1
-  th = th - s.step_size * u;
-}
 template <int PC, bool TV, bool AMS, bool L2, class M, class T, class S>
 SMES_HD void smes_update(T& th, T g, T& m, T& v, T& vmax, const S& s) {
   T vv = smes_front<TV, AMS, L2, M>(th, g, m, v, vmax, s);
-  smes_theta(th, smes_direction<PC, M>(m, vv, s), s);
+  th = th * s.decay;               // decoupled: theta * (1 - lr * lambda); exact when 1
+  th = th - s.step_size * smes_direction<PC, M>(m, vv, s);
 }
 
 // AdamP/SGDP's per-row quantities (SPEC §4) from the row sums x = (g.theta, g.g, theta.theta,

@@ -915,9 +915,9 @@ def test_step_does_not_depend_on_how_the_tensor_is_split(monkeypatch, isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_amsgrad_power_of_out_of_range_vmax(monkeypatch, isa):
-    """amsgrad, general p, a tensor long enough for the AVX2 kernel's pipelined loop: where v_max
-    is denormal or 0 (the power function's general path) and v is not, or v is 0 and v_max is
-    not, v-hat is v_max (the same updates as "reference", v̂^p 1/update itself: θ = 0, lr = 1)."""
+    """amsgrad, general p, a tensor long enough for the AVX2 kernel's pipelined loop: where v is 0
+    (out of the power function's fast range) under a larger v_max, normal or denormal, v̂ is v_max
+    and not v: the same updates as "reference" (θ = 0, lr = 1: the update is m / D itself)."""
     monkeypatch.setenv("SMES_CPU_ISA", isa)
     n = 200
     v = torch.zeros(n)
