@@ -182,14 +182,16 @@ struct VecMath {
   //   float too (one integer compare per vector, one branch per block for the others):
   //   no special values, no clamps, 2^n added to the exponent field of a table entry, and the
   //   exponent rounded early (from the exponent field alone), so that the rounding does not wait
-  //   for the log2 polynomial. 21 or 22 vector instructions per vector, and 3 for the range.
+  //   for the log2 polynomial. 20 vector instructions per vector (22 for |p| > 1/2), 2 of them
+  //   vpermps, and 3 for the range.
   // - pow_general, for any v (0, denormal, inf, NaN) and any finite p: denormals normalised, the
   //   exponent rounded by vroundps after the log2, 2^n as two factors (so that a denormal or
   //   overflowing result rounds once, as scalef does), and v = 0, inf and NaN blended in.
   // The chains' latency counts as much as their instructions (the out-of-order core overlaps
   // the chains of different vectors only as far as its window reaches), so the fast path takes
   // the shortest exp2 polynomial the error budget allows: degree 3 for |p| <= 1/2, 4 above
-  // (measured: 4-10% of the general-p step), and runs two vectors in lockstep (each operation
+  // (measured: 4-10% of the general-p step; the log2's degree changes at |p| = 1/2 as well, see
+  // below), and runs two vectors in lockstep (each operation
   // on both in turn, so that two independent chains sit next to each other in the instruction
   // stream; GCC keeps the source order): `python -m bench.compute_floor --exponents 0.5 0 0.37
   // -0.08 --repeats 15` from two builds alternately, 16 rounds (Zen 3 EPYC, `avx2`), median
@@ -197,27 +199,33 @@ struct VecMath {
   // one vector after another; four in lockstep, or three, were slower than two in a scratch
   // harness (spills), so 16-bit params' blocks of four run as two lockstep pairs.
   //
-  // Tables, for k = 0..7 (python: c = 1 + (k + .5) / 8; kRcp8[k] = float32(1 / c);
-  // kLog8[k] = float32(-log2(kRcp8[k]) - k / 8); kExp8[k] = float32(2 ** (k / 8))):
+  // The log2 takes no table of logarithms: kRcp8[k] = 2^-(k/8 + kMid), so that for mant in
+  // [1 + k/8, 1 + (k+1)/8) log2(mant) = k/8 + kMid + log2(1 + f), f = mant kRcp8[k] - 1 in
+  // [-0.0702, 0.0755], log2(1 + f) in [-0.105, 0.105]; k/8 and kMid go into the exponent's
+  // linear part (p/8 y, y = 8 E + k, and a constant), so one vpermps per vector is saved (the
+  // float32 rounding of kRcp8 changes log2 by at most 6.8e-8).
+  // Tables, for k = 0..7 (python: kRcp8[k] = float32(2 ** -(k / 8 + 0.105));
+  // kExp8[k] = float32(2 ** (k / 8))):
+  static constexpr float kMid = 0.105f;
   alignas(32) static constexpr float kRcp8[8] = {
-      0.94117647409f, 0.84210526943f, 0.7619047761f, 0.69565218687f,
-      0.63999998569f, 0.59259259701f, 0.55172413588f, 0.51612901688f};
-  alignas(32) static constexpr float kLog8[8] = {
-      0.087462835014f, 0.1229275018f, 0.14231739938f, 0.1485619247f,
-      0.1438562274f, 0.12988749146f, 0.10798100382f, 0.079196356237f};
+      0.92980492115f, 0.85263490677f, 0.78186964989f, 0.71697759628f,
+      0.65747135878f, 0.60290390253f, 0.5528653264f, 0.50697976351f};
   alignas(32) static constexpr float kExp8[8] = {
       1.0f, 1.0905077457f, 1.189207077f, 1.2968395948f,
       1.4142135382f, 1.5422108173f, 1.6817928553f, 1.8340080976f};
   // Minimax fits (scipy.optimize.linprog on 20001 points; errors of the float32 coefficients):
-  // log2(1 + f) = f (l1 + l2 f + l3 f^2) for |f| <= 0.0589: absolute error 7.5e-7;
+  // log2(1 + f) = f (l1 + l2 f + l3 f^2) for f in [-0.0702, 0.0755]: absolute error 1.7e-6
+  // (relative error of the power 1.2e-6 |p|: the fast path for |p| <= 1/2);
+  // log2(1 + f) = f (h1 + h2 f + h3 f^2 + h4 f^3) there: absolute error 3.9e-8 (|p| > 1/2, and
+  // the general path; fitted with f scaled by 1/0.0755: unscaled, the solver stopped at 5.8e-8);
   // 2^f = 1 + f (e1 + e2 f + e3 f^2) for |f| <= 0.1155: relative error 3.3e-7;
   // 2^f = 1 + f (d1 + d2 f + d3 f^2 + d4 f^3) for |f| <= 0.1955: relative error 7.8e-8.
-  static constexpr float kL1 = 1.4426936f, kL2 = -0.72238463f, kL3 = 0.48230204f;
+  static constexpr float kL1 = 1.44270003f, kL2 = -0.722923338f, kL3 = 0.479261816f;
+  static constexpr float kH1 = 1.44269264f, kH2 = -0.721355021f, kH3 = 0.482777596f,
+                         kH4 = -0.359307736f;
   static constexpr float kE1 = 0.693146944f, kE2 = 0.240334183f, kE3 = 0.0555249304f;
   static constexpr float kD1 = 0.693147182f, kD2 = 0.240226507f, kD3 = 0.0555551462f,
                          kD4 = 0.00962405f;
-  // log2(mant) - k / 8 = kLog8[k] + log2(1 + f) is in [0, 0.21]: less kMid, |t| <= 0.105 |p|
-  static constexpr float kMid = 0.105f;
 
   SMES_CPU_INLINE __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
   SMES_CPU_INLINE __m256 fma(__m256 a, __m256 b, float c) { return fma(a, b, _mm256_set1_ps(c)); }
@@ -248,7 +256,7 @@ struct VecMath {
 
   // The power function's per-tensor constants (computed once per segment: KScalars below).
   // R = p log2 v + shift (shift = -p log2 bc2) = p/8 y + t + hi + lo, with y = 8 E + k (E the
-  // exponent field, k the top 3 mantissa bits) and t = p (log2(mant) - k / 8 - kMid) (log2_parts):
+  // exponent field, k the top 3 mantissa bits) and t = p log2(1 + f) (log2_parts):
   // c = shift - 127 p + kMid p (127 p: the exponent bias, so that y needs no offset) = hi + lo,
   // hi a multiple of 1/8 and |lo| <= 1/16 (where |c| >= 2^19, for |p| in the thousands, hi = 0
   // and lo = c; only the general path runs there). The fast path puts lo into its exp2 table
@@ -260,12 +268,11 @@ struct VecMath {
   // that n added to an exponent field does not overflow and the result is a normal float.
   struct PowConsts {
     float p8, hi, lo, magic;          // p/8, hi, lo, 1.5 2^20 + hi
-    float l1, l2, l3;                 // p kL1, p kL2, p kL3
-    __m256 tab;                       // p (kLog8 - kMid)
+    float l[4], h[4];                 // p kL1.. (or p kH1.. where d4), p kH1..
     __m256 exp_tab;                   // the bits of 2^(k/8 + lo) less k << 20
     uint32_t off, lim;                // in range: (int32)(bits + off) <= (int32)lim
     int32_t neg;                      // -1 for p < 0
-    bool ok, d4;                      // the fast path may be taken; with exp2 of degree 4
+    bool ok, d4;                      // the fast path may be taken; log2 and exp2 of degree 4
   };
   static PowConsts pow_consts(const Scalars& s) {
     PowConsts c;
@@ -277,9 +284,9 @@ struct VecMath {
     c.hi = (float)hi;  // exact: a multiple of 1/8 below 2^19
     c.lo = (float)lo;
     c.magic = 1572864.0f + c.hi;
-    c.l1 = s.p * kL1, c.l2 = s.p * kL2, c.l3 = s.p * kL3;
-    c.tab = _mm256_mul_ps(_mm256_set1_ps(s.p),
-                          _mm256_sub_ps(_mm256_load_ps(kLog8), _mm256_set1_ps(kMid)));
+    c.d4 = __builtin_fabs(p) > 0.5;
+    const float kl[4] = {kL1, kL2, kL3, 0.0f}, kh[4] = {kH1, kH2, kH3, kH4};
+    for (int j = 0; j < 4; ++j) c.h[j] = s.p * kh[j], c.l[j] = c.d4 ? c.h[j] : s.p * kl[j];
     // 2^(k/8 + lo) = 2^(k/8) e^(lo ln 2), the exponential's Taylor series to degree 8 (for
     // |lo| <= 1/16 its remainder is below 1e-18; no libm call per segment)
     static constexpr double kExp8d[8] = {1.0, 1.0905077326652577, 1.189207115002721,
@@ -303,7 +310,6 @@ struct VecMath {
     e_hi = e_hi <= 254.0 ? e_hi : 254.0;
     c.ok = __builtin_fabs(p) <= 1.25 && __builtin_fabs(p) >= 0x1p-100 &&
            __builtin_fabs(cc) < 0x1p18 && e_lo <= e_hi;
-    c.d4 = __builtin_fabs(p) > 0.5;
     const uint32_t lo_bits = c.ok ? (uint32_t)e_lo << 23 : 0u;
     const uint32_t hi_bits = c.ok ? ((uint32_t)e_hi + 1u) << 23 : 0u;
     c.off = 0x80000000u - lo_bits;
@@ -311,22 +317,28 @@ struct VecMath {
     return c;
   }
   // log2 in two parts, for the bits b of v > 0 (or of a normalised denormal, whose exponent field
-  // reads -22..0): y = b >> 20 = 8 E + k (an exact integer) and t = p (log2(mant) - k / 8 - kMid),
-  // log2(mant) - k / 8 = kLog8[k] + log2(1 + f), f = mant kRcp8[k] - 1 (|f| < 0.0589, one
-  // rounding), with p folded into the table and the coefficients.
-  template <int K>
-  SMES_CPU_INLINE void log2_parts(const __m256i* b, const PowConsts& c, __m256* y, __m256* t) {
+  // reads -22..0): y = b >> 20 = 8 E + k (an exact integer) and t = p log2(1 + f) =
+  // p (log2(mant) - k / 8 - kMid), f = mant kRcp8[k] - 1 (one rounding), with p folded into the
+  // coefficients l (of degree 3, or 4 where D4).
+  template <bool D4, int K>
+  SMES_CPU_INLINE void log2_parts(const __m256i* b, const float* l, __m256* y, __m256* t) {
     __m256 sh[K], f[K], q[K];
     for (int k = 0; k < K; ++k) sh[k] = flt(_mm256_srai_epi32(b[k], 20));
     for (int k = 0; k < K; ++k) y[k] = _mm256_cvtepi32_ps(bits(sh[k]));
+    const __m256 one = _mm256_set1_ps(1.0f);  // also the exponent field of mant
     for (int k = 0; k < K; ++k) {
-      const __m256 mant = flt(_mm256_or_si256(_mm256_and_si256(b[k], _mm256_set1_epi32(0x007fffff)),
-                                              _mm256_set1_epi32(0x3f800000)));
-      f[k] = _mm256_fmsub_ps(mant, lookup(_mm256_load_ps(kRcp8), sh[k]), _mm256_set1_ps(1.0f));
+      const __m256 mant = _mm256_or_ps(_mm256_and_ps(flt(b[k]), flt(_mm256_set1_epi32(0x007fffff))),
+                                       one);
+      f[k] = _mm256_fmsub_ps(mant, lookup(_mm256_load_ps(kRcp8), sh[k]), one);
     }
-    for (int k = 0; k < K; ++k) q[k] = fma(f[k], _mm256_set1_ps(c.l3), c.l2);
-    for (int k = 0; k < K; ++k) q[k] = fma(f[k], q[k], c.l1);
-    for (int k = 0; k < K; ++k) t[k] = fma(f[k], q[k], lookup(c.tab, sh[k]));
+    if (D4) {
+      for (int k = 0; k < K; ++k) q[k] = fma(f[k], _mm256_set1_ps(l[3]), l[2]);
+      for (int k = 0; k < K; ++k) q[k] = fma(f[k], q[k], l[1]);
+    } else {
+      for (int k = 0; k < K; ++k) q[k] = fma(f[k], _mm256_set1_ps(l[2]), l[1]);
+    }
+    for (int k = 0; k < K; ++k) q[k] = fma(f[k], q[k], l[0]);
+    for (int k = 0; k < K; ++k) t[k] = _mm256_mul_ps(f[k], q[k]);
   }
   // all ones where v is out of the fast path's range
   SMES_CPU_INLINE __m256i out_of_range(__m256 v, const PowConsts& c) {
@@ -335,11 +347,11 @@ struct VecMath {
   }
   // pow_fast in two stages, log2 (pow_log: y and t) and exp2 (pow_exp), which the general-p
   // pipeline (segment) runs for different blocks.
-  template <int K>
+  template <bool D4, int K>
   SMES_CPU_INLINE void pow_log(const __m256* v, const PowConsts& c, __m256* y, __m256* t) {
     __m256i b[K];
     for (int k = 0; k < K; ++k) b[k] = bits(v[k]);
-    log2_parts<K>(b, c, y, t);
+    log2_parts<D4, K>(b, c.l, y, t);
   }
   template <bool D4, int K>
   SMES_CPU_INLINE void pow_exp(const __m256* y, const __m256* t, const PowConsts& c, __m256* r) {
@@ -359,7 +371,7 @@ struct VecMath {
   template <bool D4, int K>
   SMES_CPU_INLINE void pow_fast(const __m256* v, const PowConsts& c, __m256* r) {
     __m256 y[K], t[K];
-    pow_log<K>(v, c, y, t);
+    pow_log<D4, K>(v, c, y, t);
     pow_exp<D4, K>(y, t, c, r);
   }
   // Any v, any finite p: R rounded to a multiple of 1/8 (n + k/8) by vroundps and clamped to
@@ -375,7 +387,7 @@ struct VecMath {
     const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), b);
     const __m256i bn = bits(_mm256_blendv_ps(v, flt(scaled), flt(tiny)));
     __m256 y, t;
-    log2_parts<1>(&bn, c, &y, &t);
+    log2_parts<true, 1>(&bn, c.h, &y, &t);
     const __m256 hi = _mm256_set1_ps(c.hi);
     t = _mm256_add_ps(t, _mm256_set1_ps(c.lo));
     __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_add_ps(fma(c.p8, y, t), hi),
@@ -794,8 +806,11 @@ SMES_CPU_INLINE void prefetch_lines(const T* p, int n) {
 // the division moved into the second stage, nothing. The arithmetic is that of smes_update (the
 // same operations in the same order: bit-identical to the other loops). A block with v out of the
 // fast path's range (flagged in the first stage) takes pow_fixup in the second, with its v-hat
-// reloaded from the state just stored (exact: float32). `i`: the first element, advanced past the
-// blocks done (at least three blocks' worth of elements remain on entry).
+// reloaded from the state just stored (exact: float32); the last stage reloads m the same way
+// rather than carry it over two iterations (two blocks' m, four vector registers, fewer in a loop
+// that spills: in a scratch harness 129 -> 118 instructions per block, 2% off the general-p
+// step). `i`: the first element, advanced past the blocks done (at least three blocks' worth of
+// elements remain on entry).
 template <bool D4, bool AMS, bool L2>
 SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const float* gp,
                                         float* mp, float* vp, float* xp, const KScalars& s) {
@@ -804,7 +819,6 @@ SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const 
   typedef Block<K> VB;
   const VecMath::PowConsts& c = s.pow;
   struct Front {
-    VB m;
     __m256 y[K], t[K];
     bool fixup;
   };
@@ -816,16 +830,16 @@ SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const 
     if (AMS) prefetch_lines(xp + k, B);
     VB th = load_block<VB, false>(pp + k), g = load_block<VB, false>(gp + k);
     VB v = load_block<VB, false>(vp + k), x = {};
-    f.m = load_block<VB, false>(mp + k);
+    VB m = load_block<VB, false>(mp + k);
     if (AMS) x = load_block<VB, false>(xp + k);
-    const VB vv = smes_front<true, AMS, L2, VecMath>(th, g, f.m, v, x, s);
-    store_block<VB, false>(mp + k, f.m);
+    const VB vv = smes_front<true, AMS, L2, VecMath>(th, g, m, v, x, s);
+    store_block<VB, false>(mp + k, m);
     store_block<VB, false>(vp + k, v);
     if (AMS) store_block<VB, false>(xp + k, x);
     f.fixup = VecMath::needs_fixup(vv, c);
     __m256 vk[K];
     for (int q = 0; q < K; ++q) vk[q] = (__m256)vv.x[q];
-    VecMath::pow_log<K>(vk, c, f.y, f.t);
+    VecMath::pow_log<D4, K>(vk, c, f.y, f.t);
   };
   // D = (v / bc2)^p + eps, as smes_direction
   auto middle = [&](int64_t k, const Front& f, VB& d) __attribute__((always_inline)) {
@@ -838,7 +852,8 @@ SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const 
     }
     d = pw + s.eps;
   };
-  auto back = [&](int64_t k, const VB& m, const VB& d) __attribute__((always_inline)) {
+  auto back = [&](int64_t k, const VB& d) __attribute__((always_inline)) {
+    const VB m = load_block<VB, false>(mp + k);
     // theta * decay - step_size * u as GCC contracts smes_update's last two lines in the other
     // loops, step_size * u fused into the subtraction: left to GCC, the same two lines here came
     // out with other roundings (test_step_does_not_depend_on_how_the_tensor_is_split failed)
@@ -859,14 +874,13 @@ SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const 
     Front f2;
     front(i + 2 * B, f2);
     middle(i + B, f1, d1);
-    back(i, f0.m, d0);
-    f0.m = f1.m;
+    back(i, d0);
     d0 = d1;
     f1 = f2;
   }
   middle(i + B, f1, d1);
-  back(i, f0.m, d0);
-  back(i + B, f1.m, d1);
+  back(i, d0);
+  back(i + B, d1);
   i += 2 * B;
 }
 #endif
