@@ -897,16 +897,19 @@ def test_step_does_not_depend_on_how_the_tensor_is_split(monkeypatch, isa):
     in the kernel's blocks and tails, with v = 0 and denormal v among its neighbours."""
     monkeypatch.setenv("SMES_CPU_ISA", isa)
     n = 200
-    for p, kw in ((-0.08, {}), (0.37, {"amsgrad": True}), (1.0, {"decoupled": False}), (2.0, {})):
+    cases = ((-0.08, {}, None), (0.37, {"amsgrad": True}, None), (1.0, {"decoupled": False}, None),
+             (2.0, {}, None), (0.37, {}, 3.0), (-0.08, {"maximize": True}, None))  # fmt: skip
+    for p, kw, scale in cases:  # a grad scale or maximize: g * gmul, gmul != 1 (AVX2: GS)
         h = hyper(p, **kw)
+        gs = None if scale is None else torch.tensor(scale)
         st = make_state([n], h, seed=3)
         st[0][3][::7] = 0.0
         st[0][3][3::11] = 1e-41
         full = clone_state(st)
-        apply("cpu", full, [h], torch.float32)
+        apply("cpu", full, [h], torch.float32, grad_scale=gs)
         for off in range(1, 41):
             part = [[None if t is None else (t[off:] if t.dim() else t).clone() for t in st[0]]]
-            apply("cpu", part, [h], torch.float32)
+            apply("cpu", part, [h], torch.float32, grad_scale=gs)
             for a, b in zip(full[0][:5], part[0][:5], strict=True):
                 if a is not None:
                     assert torch.equal(a[off:].view(torch.int32), b.view(torch.int32)), (p, off)
