@@ -268,7 +268,7 @@ struct VecMath {
   // that n added to an exponent field does not overflow and the result is a normal float.
   struct PowConsts {
     float p8, hi, lo, magic;          // p/8, hi, lo, 1.5 2^20 + hi
-    float l[4], h[4];                 // p kL1.. (or p kH1.. where d4), p kH1..
+    float l[3], h[4];                 // p kL1..p kL3 (log2 of degree 3), p kH1..p kH4 (4)
     __m256 exp_tab;                   // the bits of 2^(k/8 + lo) less k << 20
     uint32_t off, lim;                // in range: (int32)(bits + off) <= (int32)lim
     int32_t neg;                      // -1 for p < 0
@@ -285,8 +285,9 @@ struct VecMath {
     c.lo = (float)lo;
     c.magic = 1572864.0f + c.hi;
     c.d4 = __builtin_fabs(p) > 0.5;
-    const float kl[4] = {kL1, kL2, kL3, 0.0f}, kh[4] = {kH1, kH2, kH3, kH4};
-    for (int j = 0; j < 4; ++j) c.h[j] = s.p * kh[j], c.l[j] = c.d4 ? c.h[j] : s.p * kl[j];
+    const float kl[3] = {kL1, kL2, kL3}, kh[4] = {kH1, kH2, kH3, kH4};
+    for (int j = 0; j < 3; ++j) c.l[j] = s.p * kl[j];
+    for (int j = 0; j < 4; ++j) c.h[j] = s.p * kh[j];
     // 2^(k/8 + lo) = 2^(k/8) e^(lo ln 2), the exponential's Taylor series to degree 8 (for
     // |lo| <= 1/16 its remainder is below 1e-18; no libm call per segment)
     static constexpr double kExp8d[8] = {1.0, 1.0905077326652577, 1.189207115002721,
@@ -319,7 +320,7 @@ struct VecMath {
   // log2 in two parts, for the bits b of v > 0 (or of a normalised denormal, whose exponent field
   // reads -22..0): y = b >> 20 = 8 E + k (an exact integer) and t = p log2(1 + f) =
   // p (log2(mant) - k / 8 - kMid), f = mant kRcp8[k] - 1 (one rounding), with p folded into the
-  // coefficients l (of degree 3, or 4 where D4).
+  // coefficients l: PowConsts::l (degree 3), or PowConsts::h where D4 (degree 4).
   template <bool D4, int K>
   SMES_CPU_INLINE void log2_parts(const __m256i* b, const float* l, __m256* y, __m256* t) {
     __m256 sh[K], f[K], q[K];
@@ -351,7 +352,7 @@ struct VecMath {
   SMES_CPU_INLINE void pow_log(const __m256* v, const PowConsts& c, __m256* y, __m256* t) {
     __m256i b[K];
     for (int k = 0; k < K; ++k) b[k] = bits(v[k]);
-    log2_parts<D4, K>(b, c.l, y, t);
+    log2_parts<D4, K>(b, D4 ? c.h : c.l, y, t);
   }
   template <bool D4, int K>
   SMES_CPU_INLINE void pow_exp(const __m256* y, const __m256* t, const PowConsts& c, __m256* r) {

@@ -899,7 +899,7 @@ def test_step_does_not_depend_on_how_the_tensor_is_split(monkeypatch, isa):
     n = 200
     cases = ((-0.08, {}, None), (0.37, {"amsgrad": True}, None), (1.0, {"decoupled": False}, None),
              (2.0, {}, None), (0.37, {}, 3.0), (-0.08, {"maximize": True}, None))  # fmt: skip
-    for p, kw, scale in cases:  # a grad scale or maximize: g * gmul, gmul != 1 (AVX2: GS)
+    for p, kw, scale in cases:  # a grad scale or maximize: g * gmul with gmul != 1
         h = hyper(p, **kw)
         gs = None if scale is None else torch.tensor(scale)
         st = make_state([n], h, seed=3)
