@@ -782,8 +782,13 @@ constexpr int kBlockOf = sizeof(P) == 4 ? 2 : 4;
 // ahead. There the hardware prefetcher alone leaves the power function's arithmetic exposed on a
 // large tensor (Zen 3 EPYC, `python -m bench` interleaved from two builds: general p 0.91x ->
 // 1.01x fused AdamW on average; README, AVX2 section). The other loops have little arithmetic
-// to hide, and prefetching them was slower (Zen 4, an earlier session).
-constexpr int kPrefetchBytes = 2048;
+// to hide, and prefetching them was slower (Zen 4, an earlier session). The distance: 512 B
+// (8 lines per stream, 128 float32 elements), from `python -m bench --sets large gpt2 llama
+// --exponents -0.08 0.37 --backends cpu` with builds alternated, 6 rounds (Zen 4 EPYC capped at
+// `avx2`; mean of the six general-p cells' medians, x fused AdamW), in two batches: none 0.965,
+// 256 B 1.070, 512 B 1.094, 1 KB 1.048, 2 KB (the distance before) 1.001; and 1 KB 1.018, 2 KB
+// 1.007, 4 KB 0.954, 8 KB 0.917. bf16 params (`--dtype bfloat16`): 512 B 0.908, 2 KB 0.889.
+constexpr int kPrefetchBytes = 512;
 // the cache lines of p[d, d + n), d = kPrefetchBytes ahead
 template <class T>
 SMES_CPU_INLINE void prefetch_lines(const T* p, int n) {
