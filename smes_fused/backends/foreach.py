@@ -16,7 +16,7 @@ from torch import Tensor
 from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype, unfit_state_dtype
 from .._rounding import round_to_bf16, tensor_key
 from . import register
-from .reference import rectification, rectified_eps
+from .reference import power_hat, rectification, rectified_eps
 
 
 def _cast(ts: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
@@ -113,8 +113,7 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
             d = torch._foreach_sqrt(vv)
             torch._foreach_div_(d, [x**0.5 for x in bc2])
         else:
-            d = torch._foreach_div(vv, bc2)
-            d = torch._foreach_pow(d, h.exponent)  # v = 0, p < 0: inf, so the update is 0
+            d = [power_hat(x, c, h.exponent) for x, c in zip(vv, bc2)]  # v = 0, p < 0: inf
         torch._foreach_add_(d, h.eps)
         if on_device:
             torch._foreach_div_(d, neg_step)
@@ -149,8 +148,7 @@ def _extended_update(b: Bucket, h: Hyper, theta, g_cos, m, vv, t, bc1, bc2, lr, 
             d = torch._foreach_sqrt(vv)
             torch._foreach_div_(d, [x**0.5 for x in bc2])
         else:
-            d = torch._foreach_div(vv, bc2)
-            d = torch._foreach_pow(d, h.exponent)
+            d = [power_hat(x, c, h.exponent) for x, c in zip(vv, bc2)]
         if rect:
             u = list(m)  # each set below
         else:

@@ -51,6 +51,16 @@ def rectified_eps(h: Hyper, bc2):
     return h.eps / bc2**h.exponent
 
 
+def power_hat(v: Tensor, bc2, p: float) -> Tensor:
+    """(v / bc2)^p in v's dtype. On CPU it is evaluated in float64 and rounded once: torch's
+    float32 pow on CPU rounds a vector's lanes and a loop tail's elements differently (Sleef and
+    scalar code; seen with AVX-512), so an element's result depended on where its tensor (an
+    FSDP2 shard, one of a group) began. Elsewhere (one thread per element) float32 as it is."""
+    if v.device.type != "cpu":
+        return (v / bc2) ** p
+    return ((v.double() / bc2) ** p).to(v.dtype)
+
+
 def project(theta: Tensor, g: Tensor, u: Tensor, delta: float, eps: float) -> tuple[Tensor, bool]:
     """AdamP/SGDP's projection (SPEC §4), as clovaai's adamp writes it: per output channel, then
     per layer, if the gradient is nearly orthogonal to the weight (max |cos| < delta/sqrt(row
@@ -122,7 +132,7 @@ def smes_tensor(
     elif p_class == P_HALF:
         denom = v.sqrt() / bc2**0.5 + eps
     else:
-        denom = (v / bc2) ** h.exponent + eps  # v = 0, p < 0: inf, so the update is 0
+        denom = power_hat(v, bc2, h.exponent) + eps  # v = 0, p < 0: inf, so the update is 0
     u = m / denom
     if rect:
         u = torch.where(torch.as_tensor(adaptive, device=u.device), u * r, m)
