@@ -782,7 +782,8 @@ constexpr int kBlockOf = sizeof(P) == 4 ? 2 : 4;
 // ahead. There the hardware prefetcher alone leaves the power function's arithmetic exposed on a
 // large tensor (Zen 3 EPYC, `python -m bench` interleaved from two builds: general p 0.91x ->
 // 1.01x fused AdamW on average; README, AVX2 section). The other loops have little arithmetic
-// to hide, and prefetching them was slower (Zen 4, an earlier session). The distance: 512 B
+// to hide: prefetching them was slower in an earlier session (Zen 4), and 512 B ahead gave mixed
+// results (README, AVX2 section), so they go without. The distance: 512 B
 // (8 lines per stream, 128 float32 elements), from `python -m bench --sets large gpt2 llama
 // --exponents -0.08 0.37 --backends cpu` with builds alternated, 6 rounds (Zen 4 EPYC capped at
 // `avx2`; mean of the six general-p cells' medians, x fused AdamW), in two batches: none 0.965,
