@@ -174,7 +174,7 @@ class SMES(Optimizer):
         functional.check_backend_name(backend)
         _check_max_grad_norm(max_grad_norm)
         self.max_grad_norm = functional.plain_value(max_grad_norm)
-        self.grad_norm: Tensor | None = None
+        self._step_out: dict = {"grad_norm": None}  # see grad_norm
         if amp_unscale not in ("step", "scaler"):
             raise ValueError(f"Invalid amp_unscale: {amp_unscale!r}; expected 'step' or 'scaler'")
         self.backend = backend
@@ -230,10 +230,21 @@ class SMES(Optimizer):
         self.__dict__.setdefault("backend", "auto")  # pickles from before these were kept
         self.__dict__.setdefault("amp_unscale", "step")
         self.__dict__.setdefault("max_grad_norm", None)
-        self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("_step_out", {"grad_norm": None})
         for group in self.param_groups:  # options added since the pickle was made
             for k, v in _EXTENSION_DEFAULTS.items():
                 group.setdefault(k, v)
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The global norm of the last step's gradients where the step clipped them
+        (``max_grad_norm``), else None. Kept in a dict the step writes into: torch.compile
+        drops a compiled step's attribute writes on an optimizer, not its dicts' items."""
+        return self._step_out["grad_norm"]
+
+    @grad_norm.setter
+    def grad_norm(self, value: Tensor | None) -> None:
+        self._step_out["grad_norm"] = value
 
     # ---------------------------------------------------------------- groups and validation
 
@@ -327,7 +338,7 @@ class SMES(Optimizer):
             and plan.fits_same_grads(self, hypers)
             and plan.fast(hypers, grad_scale=grad_scale, found_inf=found_inf)
         ):
-            self.grad_norm = None  # not the norm of an earlier, clipped step
+            self._step_out["grad_norm"] = None  # not the norm of an earlier, clipped step
             return loss
         grads = [p.grad for group in self.param_groups for p in group["params"]]
         if plan is None or not plan.fits(self, hypers, grads):
@@ -338,7 +349,8 @@ class SMES(Optimizer):
         if clip is not None:
             norm, grad_scale = _clip_scale(grads, clip, grad_scale)
         functional.apply(plan.buckets, plan.backends, grad_scale=grad_scale, found_inf=found_inf)
-        self.grad_norm = norm  # after apply, which refuses bad state with nothing changed
+        # after apply, which refuses bad state with nothing changed
+        self._step_out["grad_norm"] = norm
         return loss
 
     @staticmethod

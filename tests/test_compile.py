@@ -114,3 +114,24 @@ def test_float_lr_schedule_costs_no_more_recompiles_than_adamw(tmp_path):
     graphs = json.loads(r.stdout.split("RESULT", 1)[1])
     for name in names[1:]:
         assert graphs[name] <= max(graphs["adamw"], 2), graphs  # 8 lrs, 8 steps: no per-step graph
+
+
+@pytest.mark.parametrize("backend", host_backends())
+def test_compiled_step_sets_grad_norm(backend):
+    """A compiled step with max_grad_norm left opt.grad_norm None (dynamo drops attribute writes
+    on an optimizer): now it is each step's norm, a new tensor per step, as in eager steps."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ps = [torch.randn(4, 3).requires_grad_(), torch.randn(3).requires_grad_()]
+    opt = smes_fused.SMES(ps, lr=0.05, exponent=-0.08, max_grad_norm=0.5, backend=backend)
+    step = torch.compile(opt.step, fullgraph=True)
+    norms = []
+    for scale in (1.0, 3.0):
+        for p in ps:
+            p.grad = torch.full_like(p, scale)
+        expected = torch.nn.utils.get_total_norm([p.grad for p in ps])
+        step()
+        assert opt.grad_norm is not None
+        torch.testing.assert_close(opt.grad_norm, expected)
+        norms.append(opt.grad_norm)
+    assert norms[0] is not norms[1] and norms[0] < norms[1]  # the first step's norm is kept
