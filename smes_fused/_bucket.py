@@ -206,6 +206,15 @@ def unfit_state_dtype(key: BucketKey) -> str | None:
     return None
 
 
+def traced_scalar(x, device=None) -> Tensor:
+    """``x`` (a Python number) as a 0-d float64 tensor that the graph computes (ones * x), for
+    torch.compile: there inductor keeps a float that a schedule changes every step (lr,
+    exponent) symbolic, where passing it as a Python scalar (to a foreach op, ``**``,
+    ``torch.full``, ``torch.tensor``, a float argument of an op, a numpy write) would specialise
+    the graph on its value, a recompile per step."""
+    return torch.ones((), dtype=torch.float64, device=device) * x
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math dtype: float32 for 16/32-bit storage, float64 for float64 storage."""
     return torch.float64 if dtype == torch.float64 else torch.float32

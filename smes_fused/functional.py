@@ -48,7 +48,10 @@ def _real(name: str, x) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):  # numpy reals are Real
         raise TypeError(f"Invalid {name}: {x!r}; expected a real number")
     x = float(x)
-    if not math.isfinite(x):
+    # x - x is 0 for a finite x, NaN for inf and NaN; unlike math.isfinite it traces under
+    # torch.compile without specialising the graph on x (an exponent schedule changes p every
+    # step)
+    if not x - x == 0:
         raise ValueError(f"Invalid {name}: {x}; expected a finite number")
     return x
 
@@ -128,11 +131,12 @@ def check_hyper(
     if wd < 0:
         raise ValueError(f"Invalid weight_decay value: {wd}; expected weight_decay >= 0")
     p = _real("exponent", exponent)
-    if p > 0 and eps == 0:
+    # (the test of p last: under torch.compile a guard on p only where it decides)
+    if eps == 0 and p > 0:
         raise ValueError(
             f"Invalid eps: 0 with exponent={p}; exponent > 0 needs eps > 0 (v = 0 would give 0/0)"
         )
-    if p != 0 and not track_second_moment:
+    if not track_second_moment and p != 0:
         raise ValueError(
             f"Invalid exponent: {p} for a group created with exponent=0, which keeps no "
             "exp_avg_sq; create the group with track_second_moment=True to change its exponent"

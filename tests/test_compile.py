@@ -116,6 +116,111 @@ def test_float_lr_schedule_costs_no_more_recompiles_than_adamw(tmp_path):
         assert graphs[name] <= max(graphs["adamw"], 2), graphs  # 8 lrs, 8 steps: no per-step graph
 
 
+_SCHEDULE_SCRIPT = r"""
+import json, sys, torch
+import smes_fused
+from smes_fused.schedules import LinearExponent
+from torch._dynamo.utils import counters
+
+out = {}
+for name in sys.argv[1:]:
+    backend, _, option = name.partition("-")
+    kw = {option: True} if option else {}
+    twins = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        ps = [torch.randn(4, 3).requires_grad_(), torch.randn(3).requires_grad_()]
+        opt = smes_fused.SMES(ps, lr=0.1, exponent=0.4, backend=backend, **kw)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        lrs = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        # a new p every step, across 0 (not through 0 itself): one kernel class throughout
+        sched = LinearExponent(opt, start=0.4, end=-0.1, total_steps=7)
+        gen = torch.Generator().manual_seed(1)
+        for i in range(8):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            step()
+            lrs.step()
+            sched.step()
+        twins.append([p.detach().clone() for p in ps])
+    for a, b in zip(*twins):
+        torch.testing.assert_close(a, b)
+    out[name] = counters["stats"]["unique_graphs"]
+print("RESULT", json.dumps(out))
+"""
+
+
+def _run_schedule_script(tmp_path, names, **env):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ,
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path),
+        TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO="0",
+        **env,
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _SCHEDULE_SCRIPT, *names],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT", 1)[1])
+
+
+def test_exponent_schedule_compiles_once(tmp_path):
+    """An exponent schedule under torch.compile specialised the step on every new p (the table's
+    key and a numpy write on "cpu", a Python exponent of `**` on "foreach"/"reference", and with
+    fullgraph=True the step failed to trace at math.isfinite): a recompile per step until
+    dynamo's limit, then eager steps. Now p, like a float lr, stays symbolic: at most two graphs
+    in 8 steps (the first, then one dynamic in p and lr), with results equal to eager steps."""
+    names = ["foreach", "foreach-rectify", "reference"]
+    names += ["cpu", "cpu-rectify"] if "cpu" in host_backends() else []
+    graphs = _run_schedule_script(tmp_path, names)
+    assert all(g <= 2 for g in graphs.values()), graphs
+
+
+def test_triton_op_schedules_compile_once(tmp_path):
+    """The Triton step's registered op took the groups' values as a float list, so under
+    torch.compile a float lr schedule (and an exponent schedule) specialised the graph on every
+    step's value. Run by Triton's interpreter on CPU tensors."""
+    pytest.importorskip("triton")
+    graphs = _run_schedule_script(tmp_path, ["triton"], TRITON_INTERPRET="1")
+    assert graphs["triton"] <= 2, graphs
+
+
+@pytest.mark.parametrize("backend", host_backends())
+def test_compiled_step_follows_exponent_classes(backend):
+    """p set by hand through the exact values 0 and 0.5 (other kernel classes) and general
+    values, compiled and eager: the same params after every step."""
+    twins = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        ps = [torch.randn(4, 3).requires_grad_(), torch.randn(3).requires_grad_()]
+        opt = smes_fused.SMES(ps, lr=0.05, exponent=0.3, backend=backend)
+        step = torch.compile(opt.step) if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        seen = []
+        for p_value in (0.3, 0.5, 0.0, -0.1, 0.5, 0.25, 0.0):
+            opt.param_groups[0]["exponent"] = p_value
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            step()
+            seen.append([p.detach().clone() for p in ps])
+        twins.append(seen)
+    for k, (a, b) in enumerate(zip(*twins)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, msg=lambda m, k=k: f"step {k + 1}: {m}")
+
+
 @pytest.mark.parametrize("backend", host_backends())
 def test_compiled_step_sets_grad_norm(backend):
     """A compiled step with max_grad_norm left opt.grad_norm None (dynamo drops attribute writes

@@ -3,8 +3,8 @@ keeps it in its graph (no graph break) and functionalization sees what it mutate
 
 Eager callers use :func:`smes_fused.triton_kernels.smes.smes_step` directly (no dispatcher
 overhead); the backend calls this op only while torch.compile traces. The op's arguments are
-plain lists: the groups' hyperparameters flattened, ``GROUP_FIELDS`` per group, with the lr
-either a value or an index into ``lr_tensors``.
+plain lists and the groups' hyperparameters flattened into a float64 CPU tensor,
+``GROUP_FIELDS`` per group, with the lr either a value or an index into ``lr_tensors``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from torch import Tensor
 GROUP_FIELDS = 14
 
 
-def flatten_groups(groups) -> tuple[list[float], list[Tensor]]:
-    flat: list[float] = []
+def flatten_groups(groups) -> tuple[Tensor, list[Tensor]]:
+    """The groups' fields as one float64 CPU tensor, ``GROUP_FIELDS`` per group, and the lr
+    tensors it indexes. Under torch.compile the graph builds the tensor (traced_scalar: an lr
+    or exponent schedule)."""
+    flat: list = []
     lr_tensors: list[Tensor] = []
     for h in groups:
         lr, idx = h.lr, -1.0
@@ -27,16 +30,21 @@ def flatten_groups(groups) -> tuple[list[float], list[Tensor]]:
             lr_tensors.append(lr)
             lr = 0.0
         flat += [h.beta1, h.beta2, h.eps, h.exponent, h.weight_decay,
-                 1.0 if h.bias_correction else 0.0, float(lr), idx,
+                 1.0 if h.bias_correction else 0.0, lr, idx,
                  1.0 if h.rectify else 0.0, 1.0 if h.second_moment_sum else 0.0,
                  h.projection_delta, h.projection_wd_ratio,
                  1.0 if h.stochastic_rounding else 0.0, float(h.rounding_seed)]  # fmt: skip
-    return flat, lr_tensors
+    if torch.compiler.is_compiling():
+        from .._bucket import traced_scalar
+
+        return torch.stack([traced_scalar(x) for x in flat]), lr_tensors
+    return torch.tensor(flat, dtype=torch.float64), lr_tensors
 
 
 def unflatten_groups(flat, lr_tensors) -> list:
     from .smes import GroupHyper
 
+    flat = flat.tolist()  # a CPU tensor: no device sync
     out = []
     for r in range(len(flat) // GROUP_FIELDS):
         b1, b2, eps, p, wd, bc, lr, idx, rect, sv, delta, ratio, sr, seed = flat[
@@ -59,7 +67,7 @@ def triton_step_(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    group_values: list[float],
+    group_values: Tensor,
     lr_tensors: list[Tensor],
     group_index: list[int],
     variant: list[int],

@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from .._bucket import Bucket, BucketKey, Hyper
+from .._bucket import Bucket, BucketKey, Hyper, traced_scalar
 from . import get, register
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SEED = _ops.HYPER_COLUMNS.index("rounding_seed")
+_EXPONENT = _ops.HYPER_COLUMNS.index("exponent")
 
 
 def _device_lr(h: Hyper, device_type: str) -> bool:
@@ -47,7 +48,10 @@ def hyper_row(h: Hyper, device_type: str = "cpu") -> tuple:
         | (_ops.FLAG_SR if h.stochastic_rounding else 0)
     )
     lr = 0.0 if _device_lr(h, device_type) else float(h.lr)
-    return (lr, h.beta1, h.beta2, h.eps, h.exponent, h.weight_decay, float(flags),
+    # Under torch.compile the exponent is written by the graph (HyperTable.update_runs), so that
+    # neither the table's key nor the guards depend on its value (an exponent schedule).
+    p = 0.0 if torch.compiler.is_compiling() else h.exponent
+    return (lr, h.beta1, h.beta2, h.eps, p, h.weight_decay, float(flags),
             h.projection_delta, h.projection_wd_ratio, float(h.rounding_seed))  # fmt: skip
 
 
@@ -107,6 +111,11 @@ class HyperTable:
                 hs = [h for count, h in runs for _ in range(count)]
                 view[:, _SEED] = [h.rounding_seed ^ s for h, s in zip(hs, salts)]
             self._key = key
+        if torch.compiler.is_compiling():
+            start = 0
+            for count, h in runs:
+                self.table[start : start + count, _EXPONENT] = traced_scalar(h.exponent)
+                start += count
         self.lrs = []
         return self.table
 
@@ -117,9 +126,8 @@ class HyperTable:
             lr = h.lr if _device_lr(h, self.device_type) else None
             if lr is not None and not isinstance(lr, Tensor):
                 lr = made.get(id(h))
-                if lr is None:  # ones * lr: inductor keeps it symbolic (torch.full does not)
-                    one = torch.ones((), dtype=torch.float32, device=device)
-                    lr = made[id(h)] = one * h.lr
+                if lr is None:
+                    lr = made[id(h)] = traced_scalar(h.lr, device)
             # The CUDA kernel reads a float32/float64/bf16/fp16 lr in place (no cast per step).
             out.append(lr)
         return out

@@ -13,7 +13,16 @@ import math
 import torch
 from torch import Tensor
 
-from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype, unfit_state_dtype
+from .._bucket import (
+    P_HALF,
+    P_ZERO,
+    Bucket,
+    BucketKey,
+    Hyper,
+    compute_dtype,
+    traced_scalar,
+    unfit_state_dtype,
+)
 from .._rounding import round_to_bf16, tensor_key
 from . import register
 from .reference import power_hat, rectification, rectified_eps
@@ -34,11 +43,10 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
     # every step's count (a recompile per step).
     compiling = torch.compiler.is_compiling()
     on_device = isinstance(h.lr, Tensor) or b.steps[0].device.type != "cpu" or compiling
-    # A float lr under torch.compile enters as a float64 tensor (ones * lr: inductor keeps it
-    # symbolic, where a Python scalar argument of a foreach op would specialise on its value).
+    # A float lr under torch.compile enters as a tensor (traced_scalar: an lr schedule).
     lr = h.lr
     if compiling and not isinstance(lr, Tensor):
-        lr = torch.ones((), dtype=torch.float64, device=b.params[0].device) * lr
+        lr = traced_scalar(lr, b.params[0].device)
 
     if h.maximize:
         g = torch._foreach_neg(g)

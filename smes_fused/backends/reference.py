@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._bucket import P_HALF, P_ZERO, Bucket, BucketKey, Hyper, compute_dtype, unfit_state_dtype
+from .._bucket import (
+    P_HALF,
+    P_ZERO,
+    Bucket,
+    BucketKey,
+    Hyper,
+    compute_dtype,
+    traced_scalar,
+    unfit_state_dtype,
+)
 from .._rounding import round_to_bf16, tensor_key
 from . import register
 
@@ -48,14 +57,18 @@ def rectification(h: Hyper, t):
 def rectified_eps(h: Hyper, bc2):
     """The eps of a rectified adaptive step (SPEC §4): torch's RAdam adds eps before the bias
     correction, D = (v^p + eps)/bc2^p = v̂^p + eps/bc2^p. ``bc2`` a float or a float64 tensor."""
-    return h.eps / bc2**h.exponent
+    p = traced_scalar(h.exponent) if torch.compiler.is_compiling() else h.exponent
+    return h.eps / bc2**p
 
 
 def power_hat(v: Tensor, bc2, p: float) -> Tensor:
     """(v / bc2)^p in v's dtype. On CPU it is evaluated in float64 and rounded once: torch's
     float32 pow on CPU rounds a vector's lanes and a loop tail's elements differently (Sleef and
     scalar code; seen with AVX-512), so an element's result depended on where its tensor (an
-    FSDP2 shard, one of a group) began. Elsewhere (one thread per element) float32 as it is."""
+    FSDP2 shard, one of a group) began. Elsewhere (one thread per element) float32 as it is.
+    Under torch.compile p enters as a tensor (traced_scalar: an exponent schedule)."""
+    if torch.compiler.is_compiling():
+        p = traced_scalar(p, v.device)
     if v.device.type != "cpu":
         return (v / bc2) ** p
     return ((v.double() / bc2) ** p).to(v.dtype)
