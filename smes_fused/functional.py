@@ -106,12 +106,6 @@ def check_hyper(
             value = float(lr)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Invalid learning rate: {value}; expected lr >= 0")
-    elif torch.compiler.is_compiling():
-        # Under torch.compile a float lr that a scheduler changes every step stays symbolic:
-        # any test of its value (float(), math.isfinite, even `lr < 0`) would specialise the
-        # graph on it, a recompile per step. The compiled kernels check its value instead.
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise TypeError(f"Invalid lr: {lr!r}; expected a real number")
     else:
         lr = _real("lr", lr)
         if lr < 0:

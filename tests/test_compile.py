@@ -240,3 +240,29 @@ def test_compiled_step_sets_grad_norm(backend):
         torch.testing.assert_close(opt.grad_norm, expected)
         norms.append(opt.grad_norm)
     assert norms[0] is not norms[1] and norms[0] < norms[1]  # the first step's norm is kept
+
+
+@pytest.mark.parametrize("backend", host_backends())
+def test_compiled_step_refuses_negative_lr(backend):
+    """While tracing, check_hyper left the float lr's value check (SPEC §5) to the kernels, which
+    "foreach" and "reference" do not have: a negative lr set in the groups stepped. Now it is
+    checked as in eager steps (without specialising the graph on the lr: see the schedule
+    tests), and nothing changes."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ps = [torch.randn(4, 3).requires_grad_()]
+    opt = smes_fused.SMES(ps, lr=0.1, exponent=-0.08, backend=backend)
+    step = torch.compile(opt.step)
+    for lr in (0.1, 0.05):
+        opt.param_groups[0]["lr"] = lr
+        ps[0].grad = torch.randn(4, 3)
+        step()
+    opt.param_groups[0]["lr"] = -0.1
+    ps[0].grad = torch.randn(4, 3)
+    before = ps[0].detach().clone()
+    state = {k: v.clone() for k, v in opt.state[ps[0]].items()}
+    with pytest.raises(ValueError, match="Invalid learning rate: -0.1"):
+        step()
+    assert torch.equal(ps[0], before)
+    for k, v in state.items():
+        assert torch.equal(opt.state[ps[0]][k], v), k
