@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -48,10 +49,9 @@ def _real(name: str, x) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):  # numpy reals are Real
         raise TypeError(f"Invalid {name}: {x!r}; expected a real number")
     x = float(x)
-    # x - x is 0 for a finite x, NaN for inf and NaN; unlike math.isfinite it traces under
-    # torch.compile without specialising the graph on x (an exponent schedule changes p every
-    # step)
-    if not x - x == 0:
+    # false for inf and NaN; unlike math.isfinite this traces under torch.compile as a guard,
+    # without specialising the graph on x (an exponent schedule changes p every step)
+    if not abs(x) <= sys.float_info.max:
         raise ValueError(f"Invalid {name}: {x}; expected a finite number")
     return x
 

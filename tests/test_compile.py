@@ -1,5 +1,7 @@
 """torch.compile of a whole training step that calls SMES.step (CPU; the GPU run is issue 6's)."""
 
+import math
+
 import pytest
 import torch
 from oracle import host_backends
@@ -243,26 +245,59 @@ def test_compiled_step_sets_grad_norm(backend):
 
 
 @pytest.mark.parametrize("backend", host_backends())
-def test_compiled_step_refuses_negative_lr(backend):
+@pytest.mark.parametrize(
+    "key, value", [("lr", -0.1), ("lr", math.inf), ("exponent", math.inf), ("exponent", math.nan)]
+)
+def test_compiled_step_refuses_bad_values(backend, key, value):
     """While tracing, check_hyper left the float lr's value check (SPEC §5) to the kernels, which
-    "foreach" and "reference" do not have: a negative lr set in the groups stepped. Now it is
-    checked as in eager steps (without specialising the graph on the lr: see the schedule
-    tests), and nothing changes."""
+    "foreach" and "reference" do not have: a negative lr set in the groups stepped; and a
+    finiteness test that traces (math.isfinite does not) must still refuse inf under
+    torch.compile (`x - x == 0` did not: symbolically it is always true). Now both are checked
+    as in eager steps (without specialising the graph on the value: see the schedule tests), and
+    nothing changes."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     ps = [torch.randn(4, 3).requires_grad_()]
     opt = smes_fused.SMES(ps, lr=0.1, exponent=-0.08, backend=backend)
     step = torch.compile(opt.step)
-    for lr in (0.1, 0.05):
-        opt.param_groups[0]["lr"] = lr
+    for good in ((0.1, -0.08), (0.05, -0.1)):  # two values: dynamo makes both floats dynamic
+        opt.param_groups[0]["lr"], opt.param_groups[0]["exponent"] = good
         ps[0].grad = torch.randn(4, 3)
         step()
-    opt.param_groups[0]["lr"] = -0.1
+    opt.param_groups[0][key] = value
     ps[0].grad = torch.randn(4, 3)
     before = ps[0].detach().clone()
     state = {k: v.clone() for k, v in opt.state[ps[0]].items()}
-    with pytest.raises(ValueError, match="Invalid learning rate: -0.1"):
+    with pytest.raises(ValueError, match=f"Invalid (learning rate|{key})"):
         step()
     assert torch.equal(ps[0], before)
     for k, v in state.items():
         assert torch.equal(opt.state[ps[0]][k], v), k
+
+
+@pytest.mark.skipif("cpu" not in host_backends(), reason="needs the compiled cpu backend")
+def test_compiled_step_leaves_no_stale_exponent_for_eager_steps():
+    """The "cpu" table's key under torch.compile held 0.0 for the exponent that the graph wrote
+    into the table: with a tensor lr (a 0 in the row too), an eager step at p = 0 after a
+    compiled one at p = -0.3 found the same key, did not refill the table and stepped with
+    p = -0.3 (the general kernel) instead of 0."""
+    torch.manual_seed(0)
+    init = [torch.randn(4, 3), torch.randn(3)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(2)]
+
+    def run(compile_first):
+        torch._dynamo.reset()
+        ps = [p.clone().requires_grad_() for p in init]
+        opt = smes_fused.SMES(
+            ps, lr=torch.tensor(0.05), exponent=-0.3, track_second_moment=True, backend="cpu"
+        )
+        steps = [torch.compile(opt.step) if compile_first else opt.step, opt.step]
+        for step, p_value, gs in zip(steps, (-0.3, 0.0), grads):
+            opt.param_groups[0]["exponent"] = p_value
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            step()
+        return ps
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b)

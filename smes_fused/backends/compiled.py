@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from .._bucket import Bucket, BucketKey, Hyper, traced_scalar
+from .._bucket import P_GENERAL, P_HALF, Bucket, BucketKey, Hyper, traced_scalar
 from . import get, register
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,11 +48,20 @@ def hyper_row(h: Hyper, device_type: str = "cpu") -> tuple:
         | (_ops.FLAG_SR if h.stochastic_rounding else 0)
     )
     lr = 0.0 if _device_lr(h, device_type) else float(h.lr)
-    # Under torch.compile the exponent is written by the graph (HyperTable.update_runs), so that
-    # neither the table's key nor the guards depend on its value (an exponent schedule).
-    p = 0.0 if torch.compiler.is_compiling() else h.exponent
+    p = h.exponent
+    if torch.compiler.is_compiling():
+        # the class's value (0 or 0.5: the guards pin p there), or 0.0 where the graph writes p
+        # (_traced_exponent); the symbolic p itself in a Python row would specialise the graph
+        p = 0.5 if h.variant.p_class == P_HALF else 0.0
     return (lr, h.beta1, h.beta2, h.eps, p, h.weight_decay, float(flags),
             h.projection_delta, h.projection_wd_ratio, float(h.rounding_seed))  # fmt: skip
+
+
+def _traced_exponent(h: Hyper) -> bool:
+    """Whether the graph writes this row's exponent into the table (HyperTable.update_runs):
+    under torch.compile, at general p, so that neither the table's key nor the guards depend on
+    its value (an exponent schedule changes it every step)."""
+    return torch.compiler.is_compiling() and h.variant.p_class == P_GENERAL
 
 
 class HyperTable:
@@ -94,7 +103,10 @@ class HyperTable:
     def update_runs(self, runs: list[tuple[int, Hyper]], salts: list[int] = ()) -> Tensor:
         """The table of consecutive runs of (count, hyper), each tensor's seed XOR its salt
         where ``salts`` has any; ``lrs`` is left to the caller."""
-        key = tuple((count, hyper_row(h, self.device_type)) for count, h in runs)
+        # (a row whose exponent the graph writes never has the key of one that holds it)
+        key = tuple(
+            (count, hyper_row(h, self.device_type), _traced_exponent(h)) for count, h in runs
+        )
         salted = any(salts)
         if salted:
             key += (tuple(salts),)
@@ -104,18 +116,18 @@ class HyperTable:
                 self.table = torch.empty((n, len(_ops.HYPER_COLUMNS)), dtype=torch.float64)
             view = self.table.numpy()
             start = 0
-            for cnt, row in key[: len(runs)]:
+            for cnt, row, _ in key[: len(runs)]:
                 view[start : start + cnt] = row
                 start += cnt
             if salted:  # (Python ints: torch.compile traces numpy calls as tensor ops)
                 hs = [h for count, h in runs for _ in range(count)]
                 view[:, _SEED] = [h.rounding_seed ^ s for h, s in zip(hs, salts)]
             self._key = key
-        if torch.compiler.is_compiling():
-            start = 0
-            for count, h in runs:
+        start = 0
+        for count, h in runs:
+            if _traced_exponent(h):
                 self.table[start : start + count, _EXPONENT] = traced_scalar(h.exponent)
-                start += count
+            start += count
         self.lrs = []
         return self.table
 
