@@ -206,12 +206,14 @@ def unfit_state_dtype(key: BucketKey) -> str | None:
     return None
 
 
-def traced_scalar(x, device=None) -> Tensor:
-    """``x`` (a Python number) as a 0-d float64 tensor that the graph computes (ones * x), for
-    torch.compile: there inductor keeps a float that a schedule changes every step (lr,
-    exponent) symbolic, where passing it as a Python scalar (to a foreach op, ``**``,
-    ``torch.full``, ``torch.tensor``, a float argument of an op, a numpy write) would specialise
-    the graph on its value, a recompile per step."""
+def traced_scalar(x, device=None):
+    """``x`` (a Python number) as torch.compile should see it: while tracing, a 0-d float64
+    tensor that the graph computes (ones * x), which inductor keeps symbolic, where a Python
+    scalar (passed to a foreach op, ``**``, ``torch.full``, ``torch.tensor``, a float argument of
+    an op, a numpy write) would specialise the graph on a float that a schedule changes every
+    step (lr, exponent): a recompile per step. Otherwise ``x`` itself."""
+    if not torch.compiler.is_compiling():
+        return x
     return torch.ones((), dtype=torch.float64, device=device) * x
 
 

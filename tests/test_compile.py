@@ -85,35 +85,36 @@ print("RESULT", json.dumps(out))
 """
 
 
+def _run_script(tmp_path, script, names, **env):
+    """The {name: graphs} that ``script`` prints for ``names``, run in a fresh process with a
+    cold compile cache and no profile from earlier runs, as on a fresh machine (a warm cache
+    once hid a foreach scalar that specialised on the lr)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ,
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path),
+        TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO="0",
+        **env,
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, *names], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT", 1)[1])
+
+
 def test_float_lr_schedule_costs_no_more_recompiles_than_adamw(tmp_path):
     """Issue 13: a float lr changed every step by a scheduler recompiled SMES's step on every
     step (a guard on the value written into the hyperparameter table); and the first compiled
     step of a fresh process broke the graph at the backend registry's import. With stochastic
     rounding too (per-tensor seeds once made foreach guard on the lr)."""
-    import json
-    import subprocess
-    import sys
-
     names = ["adamw", "foreach", "foreach-sr"]
     names += ["cpu", "cpu-sr"] if "cpu" in host_backends() else []
-    import os
-
-    # A cold compile cache and no profile from earlier runs, as on a fresh machine (a warm cache
-    # once hid a foreach scalar that specialised on the lr).
-    env = dict(
-        os.environ,
-        TORCHINDUCTOR_CACHE_DIR=str(tmp_path),
-        TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO="0",
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", _RECOMPILE_SCRIPT, *names],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    graphs = json.loads(r.stdout.split("RESULT", 1)[1])
+    graphs = _run_script(tmp_path, _RECOMPILE_SCRIPT, names)
     for name in names[1:]:
         assert graphs[name] <= max(graphs["adamw"], 2), graphs  # 8 lrs, 8 steps: no per-step graph
 
@@ -154,29 +155,6 @@ print("RESULT", json.dumps(out))
 """
 
 
-def _run_schedule_script(tmp_path, names, **env):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = dict(
-        os.environ,
-        TORCHINDUCTOR_CACHE_DIR=str(tmp_path),
-        TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO="0",
-        **env,
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", _SCHEDULE_SCRIPT, *names],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.split("RESULT", 1)[1])
-
-
 def test_exponent_schedule_compiles_once(tmp_path):
     """An exponent schedule under torch.compile specialised the step on every new p (the table's
     key and a numpy write on "cpu", a Python exponent of `**` on "foreach"/"reference", and with
@@ -185,7 +163,7 @@ def test_exponent_schedule_compiles_once(tmp_path):
     in 8 steps (the first, then one dynamic in p and lr), with results equal to eager steps."""
     names = ["foreach", "foreach-rectify", "reference"]
     names += ["cpu", "cpu-rectify"] if "cpu" in host_backends() else []
-    graphs = _run_schedule_script(tmp_path, names)
+    graphs = _run_script(tmp_path, _SCHEDULE_SCRIPT, names)
     assert all(g <= 2 for g in graphs.values()), graphs
 
 
@@ -194,7 +172,7 @@ def test_triton_op_schedules_compile_once(tmp_path):
     torch.compile a float lr schedule (and an exponent schedule) specialised the graph on every
     step's value. Run by Triton's interpreter on CPU tensors."""
     pytest.importorskip("triton")
-    graphs = _run_schedule_script(tmp_path, ["triton"], TRITON_INTERPRET="1")
+    graphs = _run_script(tmp_path, _SCHEDULE_SCRIPT, ["triton"], TRITON_INTERPRET="1")
     assert graphs["triton"] <= 2, graphs
 
 

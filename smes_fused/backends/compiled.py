@@ -103,9 +103,10 @@ class HyperTable:
     def update_runs(self, runs: list[tuple[int, Hyper]], salts: list[int] = ()) -> Tensor:
         """The table of consecutive runs of (count, hyper), each tensor's seed XOR its salt
         where ``salts`` has any; ``lrs`` is left to the caller."""
+        traced = [_traced_exponent(h) for _, h in runs]
         # (a row whose exponent the graph writes never has the key of one that holds it)
         key = tuple(
-            (count, hyper_row(h, self.device_type), _traced_exponent(h)) for count, h in runs
+            (count, hyper_row(h, self.device_type), t) for (count, h), t in zip(runs, traced)
         )
         salted = any(salts)
         if salted:
@@ -123,11 +124,12 @@ class HyperTable:
                 hs = [h for count, h in runs for _ in range(count)]
                 view[:, _SEED] = [h.rounding_seed ^ s for h, s in zip(hs, salts)]
             self._key = key
-        start = 0
-        for count, h in runs:
-            if _traced_exponent(h):
-                self.table[start : start + count, _EXPONENT] = traced_scalar(h.exponent)
-            start += count
+        if any(traced):
+            start = 0
+            for (count, h), t in zip(runs, traced):
+                if t:
+                    self.table[start : start + count, _EXPONENT] = traced_scalar(h.exponent)
+                start += count
         self.lrs = []
         return self.table
 

@@ -44,9 +44,7 @@ def _group_step(b: Bucket, h: Hyper, grad_scale: Tensor | None) -> None:
     compiling = torch.compiler.is_compiling()
     on_device = isinstance(h.lr, Tensor) or b.steps[0].device.type != "cpu" or compiling
     # A float lr under torch.compile enters as a tensor (traced_scalar: an lr schedule).
-    lr = h.lr
-    if compiling and not isinstance(lr, Tensor):
-        lr = traced_scalar(lr, b.params[0].device)
+    lr = h.lr if isinstance(h.lr, Tensor) else traced_scalar(h.lr, b.params[0].device)
 
     if h.maximize:
         g = torch._foreach_neg(g)

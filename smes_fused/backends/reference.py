@@ -57,8 +57,7 @@ def rectification(h: Hyper, t):
 def rectified_eps(h: Hyper, bc2):
     """The eps of a rectified adaptive step (SPEC §4): torch's RAdam adds eps before the bias
     correction, D = (v^p + eps)/bc2^p = v̂^p + eps/bc2^p. ``bc2`` a float or a float64 tensor."""
-    p = traced_scalar(h.exponent) if torch.compiler.is_compiling() else h.exponent
-    return h.eps / bc2**p
+    return h.eps / bc2 ** traced_scalar(h.exponent)
 
 
 def power_hat(v: Tensor, bc2, p: float) -> Tensor:
@@ -67,8 +66,7 @@ def power_hat(v: Tensor, bc2, p: float) -> Tensor:
     scalar code; seen with AVX-512), so an element's result depended on where its tensor (an
     FSDP2 shard, one of a group) began. Elsewhere (one thread per element) float32 as it is.
     Under torch.compile p enters as a tensor (traced_scalar: an exponent schedule)."""
-    if torch.compiler.is_compiling():
-        p = traced_scalar(p, v.device)
+    p = traced_scalar(p, v.device)
     if v.device.type != "cpu":
         return (v / bc2) ** p
     return ((v.double() / bc2) ** p).to(v.dtype)
