@@ -418,12 +418,17 @@ struct VecMath {
     const __m256i ordinary = _mm256_cmpgt_epi32(_mm256_set1_epi32(-8388609), w);
     return _mm256_blendv_ps(flt(special), r, flt(ordinary));
   }
-  // whether some v of the block is out of the fast path's range (or the fast path is off)
+  // whether some v of the block is out of the fast path's range; needs_fixup: or the fast path
+  // is off
   template <int K>
-  SMES_CPU_INLINE bool needs_fixup(const Block<K>& v, const PowConsts& c) {
+  SMES_CPU_INLINE bool any_out_of_range(const Block<K>& v, const PowConsts& c) {
     __m256i any = out_of_range((__m256)v.x[0], c);
     for (int i = 1; i < K; ++i) any = _mm256_or_si256(any, out_of_range((__m256)v.x[i], c));
-    return !c.ok || !_mm256_testz_si256(any, any);
+    return !_mm256_testz_si256(any, any);
+  }
+  template <int K>
+  SMES_CPU_INLINE bool needs_fixup(const Block<K>& v, const PowConsts& c) {
+    return !c.ok || any_out_of_range(v, c);
   }
   // pow_hat's rare path: lanes out of the fast path's range take the general path's result. The
   // masks are computed again here (the empty asm hides v from GCC's value numbering): kept from
@@ -813,12 +818,22 @@ SMES_CPU_INLINE void prefetch_lines(const T* p, int n) {
 // the division moved into the second stage, nothing. The arithmetic is that of smes_update (the
 // same operations in the same order: bit-identical to the other loops). A block with v out of the
 // fast path's range (flagged in the first stage) takes pow_fixup in the second, with its v-hat
-// reloaded from the state just stored (exact: float32); the last stage reloads m the same way
+// reloaded from the state just stored (exact: float32), in an iteration of its own: the loop of
+// the other iterations has no fix-up code, which GCC otherwise allocates registers around
+// (compute floor, Zen 4 capped at `avx2`, builds alternated in 6 processes each, the minimum of
+// 600 interleaved samples per process: general p 1.30x -> 1.24-1.25x p = 0.5; README, AVX2
+// section). Only a tensor the fast path covers (PowConsts::ok) enters the pipeline, so its loop
+// does not test `ok` either. GM: g is multiplied by gmul (maximize, 1/grad_scale), left out
+// where gmul is 1 and there is no L2 term (exact: g * gmul is then only ever a factor; with L2,
+// g * gmul + lambda * theta is what GCC contracts in the other loops, rounding otherwise than
+// g + lambda * theta, which test_step_does_not_depend_on_how_the_tensor_is_split caught), which took the compute floor from 1.26x to 1.19-1.20x p =
+// 0.5 (`python -m bench.compute_floor`, the README's AVX2 command, builds alternated, 5 rounds).
+// The last stage reloads m the same way
 // rather than carry it over two iterations (two blocks' m, four vector registers, fewer in a loop
 // that spills: in a scratch harness 129 -> 118 instructions per block, 2% off the general-p
 // step). `i`: the first element, advanced past the blocks done (at least three blocks' worth of
 // elements remain on entry).
-template <bool D4, bool AMS, bool L2>
+template <bool D4, bool AMS, bool L2, bool GM>
 SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const float* gp,
                                         float* mp, float* vp, float* xp, const KScalars& s) {
   constexpr int K = kBlockOf<float>;
@@ -839,22 +854,23 @@ SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const 
     VB v = load_block<VB, false>(vp + k), x = {};
     VB m = load_block<VB, false>(mp + k);
     if (AMS) x = load_block<VB, false>(xp + k);
-    const VB vv = smes_front<true, AMS, L2, VecMath>(th, g, m, v, x, s);
+    const VB vv = GM || L2 ? smes_front<true, AMS, L2, VecMath>(th, g, m, v, x, s)
+                           : smes_moments<true, AMS, L2, VecMath>(th, g, m, v, x, s);
     store_block<VB, false>(mp + k, m);
     store_block<VB, false>(vp + k, v);
     if (AMS) store_block<VB, false>(xp + k, x);
-    f.fixup = VecMath::needs_fixup(vv, c);
+    f.fixup = VecMath::any_out_of_range(vv, c);  // the fast path is on (c.ok): see segment
     __m256 vk[K];
     for (int q = 0; q < K; ++q) vk[q] = (__m256)vv.x[q];
     VecMath::pow_log<D4, K>(vk, c, f.y, f.t);
   };
   // D = (v / bc2)^p + eps, as smes_direction
-  auto middle = [&](int64_t k, const Front& f, VB& d) __attribute__((always_inline)) {
+  auto middle = [&](int64_t k, const Front& f, VB& d, auto fix) __attribute__((always_inline)) {
     __m256 r[K];
     VecMath::pow_exp<D4, K>(f.y, f.t, c, r);
     VB pw;
     for (int q = 0; q < K; ++q) pw.x[q] = (V)r[q];
-    if (__builtin_expect(f.fixup, 0)) {
+    if (decltype(fix)::value && f.fixup) {
       VecMath::pow_fixup(load_block<VB, false>((AMS ? xp : vp) + k), pw, c);
     }
     d = pw + s.eps;
@@ -875,17 +891,24 @@ SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const 
   Front f0, f1;
   VB d0, d1;
   front(i, f0);
-  middle(i, f0, d0);
+  middle(i, f0, d0, BoolC<true>{});
   front(i + B, f1);
-  for (; i + 3 * B <= n; i += B) {
+  // The steady state, while the blocks' v are in the fast path's range, has no fix-up code
+  // (below); a block with v out of range takes one iteration with it, outside that loop.
+  auto step = [&](auto fix) __attribute__((always_inline)) {
     Front f2;
     front(i + 2 * B, f2);
-    middle(i + B, f1, d1);
+    middle(i + B, f1, d1, fix);
     back(i, d0);
     d0 = d1;
     f1 = f2;
+    i += B;
+  };
+  while (i + 3 * B <= n) {
+    while (i + 3 * B <= n && !f1.fixup) step(BoolC<false>{});
+    if (i + 3 * B <= n) step(BoolC<true>{});
   }
-  middle(i + B, f1, d1);
+  middle(i + B, f1, d1, BoolC<true>{});
   back(i, d0);
   back(i + B, d1);
   i += 2 * B;
@@ -941,11 +964,16 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
         }
       };
       if constexpr (__is_same(P, float) && __is_same(S, float)) {  // see general_p_pipeline
-        if (n - i >= 3 * kBlock * W) {
+        if (n - i >= 3 * kBlock * W && s.pow.ok) {
+          auto pipeline = [&](auto d4, auto gm) __attribute__((always_inline)) {
+            general_p_pipeline<decltype(d4)::value, AMS, L2, decltype(gm)::value>(n, i, pp, gp,
+                                                                                 mp, vp, xp, s);
+          };
+          const bool gm = L2 || s.gmul != 1.0f;  // see general_p_pipeline
           if (s.pow.d4) {
-            general_p_pipeline<true, AMS, L2>(n, i, pp, gp, mp, vp, xp, s);
+            gm ? pipeline(BoolC<true>{}, BoolC<true>{}) : pipeline(BoolC<true>{}, BoolC<false>{});
           } else {
-            general_p_pipeline<false, AMS, L2>(n, i, pp, gp, mp, vp, xp, s);
+            gm ? pipeline(BoolC<false>{}, BoolC<true>{}) : pipeline(BoolC<false>{}, BoolC<false>{});
           }
         }
       }

@@ -153,6 +153,18 @@ def test_every_instruction_set(monkeypatch, isa, p):
     monkeypatch.delenv("SMES_CPU_ISA")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("p", [-0.08, 0.37, 1.0])
+def test_every_instruction_set_scales_the_gradient(monkeypatch, isa, p):
+    """maximize and grad_scale (g times -1/1024) on every kernel set, at both of the AVX2 power
+    function's classes (|p| <= 1/2, above) and in tensors long enough for its pipeline, which
+    leaves the multiply out where the factor is 1."""
+    monkeypatch.setenv("SMES_CPU_ISA", isa)
+    hs = [hyper(p, maximize=True), hyper(p, maximize=True, amsgrad=True, decoupled=False)]
+    check_case(hs, [1000, 33, 4099, 127], grad_scale=torch.tensor(1024.0))
+    monkeypatch.delenv("SMES_CPU_ISA")
+
+
 def test_unknown_instruction_set(monkeypatch):
     """SMES_CPU_ISA names a kernel set or is an error that names it, raised before the step
     changes anything (a typo used to run the widest set unnoticed); "avx512" is capped at what
