@@ -818,21 +818,21 @@ SMES_CPU_INLINE void prefetch_lines(const T* p, int n) {
 // the division moved into the second stage, nothing. The arithmetic is that of smes_update (the
 // same operations in the same order: bit-identical to the other loops). A block with v out of the
 // fast path's range (flagged in the first stage) takes pow_fixup in the second, with its v-hat
-// reloaded from the state just stored (exact: float32), in an iteration of its own: the loop of
-// the other iterations has no fix-up code, which GCC otherwise allocates registers around
-// (compute floor, Zen 4 capped at `avx2`, builds alternated in 6 processes each, the minimum of
-// 600 interleaved samples per process: general p 1.30x -> 1.24-1.25x p = 0.5; README, AVX2
-// section). Only a tensor the fast path covers (PowConsts::ok) enters the pipeline, so its loop
-// does not test `ok` either. GM: g is multiplied by gmul (maximize, 1/grad_scale), left out
-// where gmul is 1 and there is no L2 term (exact: g * gmul is then only ever a factor; with L2,
-// g * gmul + lambda * theta is what GCC contracts in the other loops, rounding otherwise than
-// g + lambda * theta, which test_step_does_not_depend_on_how_the_tensor_is_split caught), which took the compute floor from 1.26x to 1.19-1.20x p =
-// 0.5 (`python -m bench.compute_floor`, the README's AVX2 command, builds alternated, 5 rounds).
-// The last stage reloads m the same way
-// rather than carry it over two iterations (two blocks' m, four vector registers, fewer in a loop
-// that spills: in a scratch harness 129 -> 118 instructions per block, 2% off the general-p
-// step). `i`: the first element, advanced past the blocks done (at least three blocks' worth of
-// elements remain on entry).
+// reloaded from the state just stored (exact: float32), in an iteration of its own: the loop of the
+// other iterations has no fix-up code, which GCC otherwise allocates registers around (`python -m
+// bench.compute_floor` on a Zen 4 EPYC capped at `avx2`, builds alternated, 5 rounds: general p
+// 1.30x -> 1.26x p = 0.5; README, AVX2 section). Only a tensor the fast path covers (PowConsts::ok)
+// enters the pipeline, so its loop does not test `ok` either. GM: g is multiplied by gmul
+// (maximize, 1/grad_scale), left out where gmul is 1 and there is no L2 term (exact: g * gmul is
+// then only ever a factor; with L2, g * gmul + lambda * theta is what GCC contracts in the other
+// loops, rounding otherwise than g + lambda * theta, which
+// test_step_does_not_depend_on_how_the_tensor_is_split caught), which took the compute floor from
+// 1.26x to 1.19-1.20x p = 0.5 (`python -m bench.compute_floor`, the README's AVX2 command, builds
+// alternated, 5 rounds). The last stage reloads m from the state just stored rather than carry it
+// over two iterations (two blocks' m, four vector registers, fewer in a loop that spills: in a
+// scratch harness 129 -> 118 instructions per block, 2% off the general-p step). `i`: the first
+// element, advanced past the blocks done (at least three blocks' worth of elements remain on
+// entry).
 template <bool D4, bool AMS, bool L2, bool GM>
 SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const float* gp,
                                         float* mp, float* vp, float* xp, const KScalars& s) {
