@@ -173,8 +173,9 @@ SMES_HD int variant_code(double p, double wd, int flags) {
 // a kernel's extension of it with constants of its own (derived from Scalars once per tensor)
 // that M's functions read.
 
-// Moments: g <- g * gmul (maximize, 1/grad_scale), then L2; m, v, vmax updated. Returns v-hat's
-// source (v or vmax; unspecified when v is not tracked). `g` leaves holding the gradient after L2.
+// Moments, g already multiplied by gmul (maximize, 1/grad_scale: smes_front): L2, then m, v, vmax
+// updated. Returns v-hat's source (v or vmax; unspecified when v is not tracked). `g` leaves
+// holding the gradient after L2.
 template <bool TV, bool AMS, bool L2, class M, class T, class S>
 SMES_HD T smes_moments(T th, T& g, T& m, T& v, T& vmax, const S& s) {
   if (L2) g = g + s.l2 * th;       // L2: g + lambda * theta
@@ -208,8 +209,9 @@ SMES_HD T smes_direction(T m, T vv, const S& s) {
 }
 
 // One SMES step on one value. smes_front (g scaled, the moments; returns v-hat's source) is also
-// the first stage of the AVX2 CPU kernel's general-p pipeline, whose last stage spells out the
-// last two lines again: theta * decay first, then theta - step_size * u, in that order (GCC
+// the first stage of the AVX2 CPU kernel's general-p pipeline (smes_moments alone where gmul is 1
+// and there is no L2 term: g * 1 is exact and only ever a factor there), whose last stage spells
+// out the last two lines again: theta * decay first, then theta - step_size * u, in that order (GCC
 // contracts the second into one FMA; the other order rounds step_size * u instead, and twice
 // where decay is 1).
 template <bool TV, bool AMS, bool L2, class M, class T, class S>
