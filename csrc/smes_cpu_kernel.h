@@ -836,6 +836,7 @@ SMES_CPU_INLINE void prefetch_lines(const T* p, int n) {
 template <bool D4, bool AMS, bool L2, bool GM>
 SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const float* gp,
                                         float* mp, float* vp, float* xp, const KScalars& s) {
+  static_assert(GM || !L2, "with L2 the multiply by gmul stays (see above)");
   constexpr int K = kBlockOf<float>;
   constexpr int64_t B = K * W;
   typedef Block<K> VB;
@@ -854,8 +855,8 @@ SMES_CPU_INLINE void general_p_pipeline(int64_t n, int64_t& i, float* pp, const 
     VB v = load_block<VB, false>(vp + k), x = {};
     VB m = load_block<VB, false>(mp + k);
     if (AMS) x = load_block<VB, false>(xp + k);
-    const VB vv = GM || L2 ? smes_front<true, AMS, L2, VecMath>(th, g, m, v, x, s)
-                           : smes_moments<true, AMS, L2, VecMath>(th, g, m, v, x, s);
+    const VB vv = GM ? smes_front<true, AMS, L2, VecMath>(th, g, m, v, x, s)
+                     : smes_moments<true, AMS, L2, VecMath>(th, g, m, v, x, s);
     store_block<VB, false>(mp + k, m);
     store_block<VB, false>(vp + k, v);
     if (AMS) store_block<VB, false>(xp + k, x);
@@ -969,12 +970,17 @@ void segment(const TensorJob& j, int64_t lo, int64_t hi) {
             general_p_pipeline<decltype(d4)::value, AMS, L2, decltype(gm)::value>(n, i, pp, gp,
                                                                                  mp, vp, xp, s);
           };
-          const bool gm = L2 || s.gmul != 1.0f;  // see general_p_pipeline
-          if (s.pow.d4) {
-            gm ? pipeline(BoolC<true>{}, BoolC<true>{}) : pipeline(BoolC<true>{}, BoolC<false>{});
-          } else {
-            gm ? pipeline(BoolC<false>{}, BoolC<true>{}) : pipeline(BoolC<false>{}, BoolC<false>{});
-          }
+          // g * gmul left out where gmul is 1 and there is no L2 term (see general_p_pipeline)
+          auto by_gmul = [&](auto d4) __attribute__((always_inline)) {
+            if constexpr (L2) {
+              pipeline(d4, BoolC<true>{});
+            } else if (s.gmul != 1.0f) {
+              pipeline(d4, BoolC<true>{});
+            } else {
+              pipeline(d4, BoolC<false>{});
+            }
+          };
+          s.pow.d4 ? by_gmul(BoolC<true>{}) : by_gmul(BoolC<false>{});
         }
       }
       pairs_then_contiguous(blocks);
